@@ -1,0 +1,48 @@
+"""Publishing render messages by task name, without importing the worker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from schemas.errors import BrokerUnavailable
+from schemas.names import TASK_RENDER
+from schemas.params import RenderPayload
+from schemas.settings import Settings
+
+
+class Publisher:
+    """Sends ``skufleet.render`` messages to a model's queue over one broker connection."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = Celery("skufleet-producer", broker=settings.redis_url, set_as_current=False)
+        self.app.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+            broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        )
+
+    def publish(self, queue: str, payloads: Sequence[RenderPayload]) -> None:
+        """Publish one message per payload on a single pooled connection."""
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for payload in payloads:
+                    self.app.send_task(
+                        TASK_RENDER, args=[payload.model_dump()], queue=queue, producer=producer
+                    )
+        except OperationalError as exc:
+            raise BrokerUnavailable(f"cannot publish to the broker: {exc}") from exc
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (not counting those a worker holds unacked)."""
+        try:
+            with self.app.connection_for_read() as connection:
+                return int(connection.default_channel.queue_declare(queue=queue).message_count)
+        except OperationalError as exc:
+            raise BrokerUnavailable(f"cannot reach the broker: {exc}") from exc
+
+    def close(self) -> None:
+        self.app.close()

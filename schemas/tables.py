@@ -1,0 +1,114 @@
+"""The ledger's tables: ``runs`` and ``items``. The ``items`` table is the source of truth.
+
+Redis carries messages and may lose them; every item's seed, status, attempts and object
+live here. Statuses are stored as readable strings.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_REVISION = "0001"
+"""The Alembic revision this code expects; ``skufleet db upgrade`` brings a database to it."""
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class ItemStatus(enum.StrEnum):
+    """Where an item stands. Only ``schemas.ledger`` moves an item between these.
+
+    ``pending → queued → running → succeeded | failed``; ``running → queued`` on a retryable
+    error or an expired lease; ``failed → queued`` only by an explicit retry.
+    """
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    """One named run over a catalogue: its model, run seed and default parameters."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    model: Mapped[str] = mapped_column(String(512))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Generation parameters and batch size of the latest enqueue."""
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """The latest enqueue's summary: records read, accepted, rejected, duplicates, enqueued."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Item(Base):
+    """One image to make: a (run, sku, shot) with its prompt, seed, parameters and fate."""
+
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("run_id", "sku", "shot", name="uq_items_run_sku_shot"),
+        Index("ix_items_run_status", "run_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    sku: Mapped[str] = mapped_column(String(256))
+    shot: Mapped[str] = mapped_column(String(64))
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    seed: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    status: Mapped[ItemStatus] = mapped_column(
+        Enum(
+            ItemStatus,
+            native_enum=False,
+            length=16,
+            values_callable=lambda members: [m.value for m in members],
+        ),
+        default=ItemStatus.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Renders started; also the fencing token of the current claim."""
+    last_error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    render_seconds: Mapped[float | None] = mapped_column(Float)
+    """Wall time of the batch this item was rendered in, divided by the batch's size."""
+    object_key: Mapped[str | None] = mapped_column(String(1024))
+    byte_size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

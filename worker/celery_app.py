@@ -1,0 +1,92 @@
+"""The Celery app of a worker process, configured for long GPU batches.
+
+Every setting that matters carries a comment saying why it is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, bootsteps
+from celery.worker import state
+
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BURST_CHECK_SECONDS = 1.0
+BURST_IDLE_CHECKS = 3
+"""Consecutive idle checks before a burst worker stops (guards against in-flight messages)."""
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app bound to the configured broker, with skufleet's settings."""
+    app = Celery("skufleet", broker=settings.redis_url, set_as_current=True)
+    app.conf.update(
+        # JSON only: a pickle message could run arbitrary code on a GPU machine.
+        task_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        # The ledger holds every item's state; task results would only fill Redis.
+        task_ignore_result=True,
+        result_backend=None,
+        # Ack after the batch is done, so a worker killed mid-batch has its message
+        # redelivered; the ledger's attempt cap keeps a poison item from looping forever.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message at a time per device: a prefetched batch would wait on this GPU
+        # while another GPU of the fleet sits idle.
+        worker_prefetch_multiplier=1,
+        # Redis hands an unacked message to another worker after this many seconds; it
+        # must exceed the longest batch or a batch still rendering is rendered twice.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # A worker outlives broker restarts: keep reconnecting, at start and later.
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # Task events feed Flower's live view of every GPU.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # Messages are addressed to a model's queue by name; the queue exists once used.
+        task_create_missing_queues=True,
+        # Keep the root logger ours: the worker logs its own stage timings.
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+class BurstStep(bootsteps.StartStopStep):
+    """Stop the worker, exit code 0, once its queues are empty and it holds no task.
+
+    For tests, demos and batch jobs. The queues and the worker's own reserved, scheduled
+    (countdown retries) and active tasks must all be empty for a few checks in a row.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.idle_checks = 0
+        self.timer_entry: Any = None
+
+    def start(self, consumer: Any) -> None:
+        self.timer_entry = consumer.timer.call_repeatedly(
+            BURST_CHECK_SECONDS, self.check, (consumer,), priority=10
+        )
+
+    def stop(self, consumer: Any) -> None:
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+
+    def check(self, consumer: Any) -> None:
+        if state.active_requests or state.reserved_requests or state.scheduled_requests:
+            self.idle_checks = 0
+            return
+        names = [queue.name for queue in consumer.task_consumer.queues]
+        with consumer.app.connection_for_read() as connection:
+            channel = connection.default_channel
+            waiting = sum(channel.queue_declare(queue=name).message_count for name in names)
+        self.idle_checks = self.idle_checks + 1 if waiting == 0 else 0
+        if self.idle_checks >= BURST_IDLE_CHECKS:
+            log.info("burst: queues %s are empty and nothing is running; stopping", names)
+            state.should_stop = 0

@@ -1,0 +1,148 @@
+"""``skufleet-worker``: one worker process per device, each pinned with CUDA_VISIBLE_DEVICES.
+
+The launcher starts the processes, forwards SIGTERM and SIGINT to them (a warm shutdown:
+each finishes its batch), restarts none, and exits with the first non-zero exit code of its
+children, so that its own supervisor (systemd, Kubernetes) sees every failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+from schemas.settings import Settings
+
+log = logging.getLogger("skufleet.launcher")
+
+
+@dataclass(frozen=True)
+class DeviceSlot:
+    """A device a worker process is pinned to."""
+
+    name: str
+    """Worker name prefix: ``cpu`` or ``gpu<index>``."""
+    visible: str
+    """Value of CUDA_VISIBLE_DEVICES for the process ('' hides every GPU)."""
+    device: str
+    """Device inside the process: ``cpu`` or ``cuda`` (the one visible GPU)."""
+
+
+def count_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def parse_devices(spec: str, gpu_count: int | None = None) -> list[DeviceSlot]:
+    """``cpu``, ``all`` or a comma-separated list of GPU indices, as device slots."""
+    spec = spec.strip().lower()
+    if spec == "cpu":
+        return [DeviceSlot("cpu", "", "cpu")]
+    available = count_gpus() if gpu_count is None else gpu_count
+    if spec == "all":
+        if available == 0:
+            raise ValueError("--devices all: no CUDA device is visible here; use --devices cpu")
+        indices = list(range(available))
+    else:
+        try:
+            indices = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--devices must be cpu, all or GPU indices like 0,1; got {spec!r}"
+            ) from None
+        if not indices or len(set(indices)) != len(indices):
+            raise ValueError(f"--devices {spec!r}: list each GPU index once")
+        missing = [i for i in indices if not 0 <= i < available]
+        if missing:
+            raise ValueError(f"--devices {spec!r}: no GPU {missing[0]} here ({available} visible)")
+    return [DeviceSlot(f"gpu{i}", str(i), "cuda") for i in indices]
+
+
+def child_command(slot: DeviceSlot, model: str, burst: bool, loglevel: str) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "worker.process",
+        "--model",
+        model,
+        "--device",
+        slot.device,
+        "--name",
+        slot.name,
+        "--loglevel",
+        loglevel,
+    ]
+    return [*command, "--burst"] if burst else command
+
+
+def supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Wait for every child; forward stop signals; return the first non-zero exit code."""
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping %d workers", signal.Signals(signum).name, len(children))
+        for process in children.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    exit_code = 0
+    running = dict(children)
+    while running:
+        for name, process in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del running[name]
+            if code != 0:
+                log.error("worker %s exited with code %d; it is not restarted", name, code)
+                exit_code = exit_code or code
+            else:
+                log.info("worker %s exited", name)
+        time.sleep(0.2)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="skufleet-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model id, local path or 'tiny' [SKUFLEET_MODEL]")
+    parser.add_argument("--devices", default="all", help="cpu, all, or GPU indices like 0,1")
+    parser.add_argument(
+        "--burst", action="store_true", help="exit 0 once the queue is empty and nothing is running"
+    )
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.loglevel.upper(), format="%(asctime)s launcher %(levelname)s: %(message)s"
+    )
+    try:
+        settings = Settings()
+        slots = parse_devices(args.devices)
+    except ValueError as exc:
+        parser.error(str(exc))
+    model = args.model or settings.model
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    for slot in slots:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot.visible}
+        children[slot.name] = subprocess.Popen(
+            child_command(slot, model, args.burst, args.loglevel), env=env
+        )
+        log.info(
+            "started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r, model %s)",
+            slot.name,
+            children[slot.name].pid,
+            slot.visible,
+            model,
+        )
+    return supervise(children)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

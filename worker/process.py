@@ -1,0 +1,100 @@
+"""One worker process for one device: check the ledger and bucket, load the pipeline once,
+then consume the model's queue with Celery until stopped.
+
+Started by the launcher (``skufleet-worker``) with ``CUDA_VISIBLE_DEVICES`` already pinned,
+so inside this process the GPU is always ``cuda:0``. No CUDA work happens before the
+worker starts, and no child is forked afterwards: the pool is a single thread, which
+keeps the main thread free to send heartbeats to Flower and the broker during long batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from schemas import ledger
+from schemas.errors import FatalError, SkufleetError
+from schemas.names import render_queue
+from schemas.settings import Settings
+from worker.celery_app import BurstStep, create_app
+from worker.pipeline import Pipeline
+from worker.render import Renderer
+from worker.storage import Storage
+from worker.tasks import EXIT_DEVICE_FAILED, register_render
+
+log = logging.getLogger("skufleet.worker")
+
+EXIT_CONFIG = 2
+
+
+def serve(
+    settings: Settings, model: str, device: str, name: str, burst: bool, loglevel: str = "INFO"
+) -> int:
+    """Run one device's worker until it is stopped; returns the exit code."""
+    hostname = f"{name}@{socket.gethostname()}"
+    try:
+        # 1. the ledger is reachable and at this code's schema
+        engine = ledger.create_engine(settings.database_url)
+        ledger.require_schema(engine)
+        # 2. the bucket exists
+        storage = Storage(settings)
+        storage.ensure_bucket()
+        # 3. the pipeline, loaded once and kept for the life of the process
+        pipeline = Pipeline.load(model, device, settings.cache_dir)
+    except FatalError as exc:
+        log.critical("%s cannot start: %s", hostname, exc)
+        return EXIT_DEVICE_FAILED
+    except SkufleetError as exc:
+        log.critical("%s cannot start: %s", hostname, exc)
+        return EXIT_CONFIG
+
+    # 4. Celery, consuming only this model's queue
+    queue = render_queue(settings.queue_prefix, model)
+    app = create_app(settings)
+    register_render(app, Renderer(settings, engine, pipeline, storage, hostname), settings)
+    if burst:
+        app.steps["consumer"].add(BurstStep)
+    log.info("%s ready on %s, consuming %s", hostname, pipeline.describe_device(), queue)
+    argv = [
+        "worker",
+        "--pool=threads",  # torch releases the GIL; the main thread keeps heartbeats flowing
+        "--concurrency=1",  # one batch at a time per device
+        f"--queues={queue}",
+        f"--hostname={hostname}",
+        f"--loglevel={loglevel}",
+        "--without-mingle",  # no revokes or clocks to sync at start; starts faster
+        "--without-gossip",  # Flower watches events, not gossip; saves broker traffic
+    ]
+    try:
+        app.worker_main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.process", description="One skufleet worker for one device."
+    )
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", required=True, help="cpu or cuda (already pinned)")
+    parser.add_argument("--name", required=True, help="worker name, e.g. gpu0 or cpu")
+    parser.add_argument("--burst", action="store_true")
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.loglevel.upper(),
+        format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        log.critical("invalid SKUFLEET_* setting: %s", exc)
+        return EXIT_CONFIG
+    return serve(settings, args.model, args.device, args.name, args.burst, args.loglevel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
