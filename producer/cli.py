@@ -28,7 +28,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Ledger database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole for grep and logs
 out = Console()
 
 

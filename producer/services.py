@@ -201,9 +201,11 @@ class LocalS3(Service):
                 f"-s3.config={identities}",
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",
+                # every bucket is a collection that grows 7 volumes at once; the volumes are
+                # sparse files, so allow many small ones rather than run out mid-session
                 "-master.telemetry=false",
-                "-master.volumeSizeLimitMB=64",
-                "-volume.max=16",
+                "-master.volumeSizeLimitMB=32",
+                "-volume.max=2000",
                 "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1",
                 *(f"-{name}={port}" for name, port in ports.items()),

@@ -14,20 +14,22 @@ TASK_RENDER = "skufleet.render"
 TINY_MODEL = "tiny"
 """The built-in, randomly initialised Stable Diffusion pipeline for tests and offline demos."""
 
-_SLUG_UNSAFE = re.compile(r"[^a-z0-9_.-]+")
+_HUB_ID = re.compile(r"[A-Za-z0-9_.-]{1,80}(/[A-Za-z0-9_.-]{1,80})?")
+_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def model_slug(model: str) -> str:
     """A short, queue-safe name for a model id or path.
 
-    Hub ids keep a readable form (``stable-diffusion-v1-5--stable-diffusion-v1-5``); anything
-    long, or changed by the cleaning, gets a hash suffix so two models never share a queue.
+    Hub ids and plain names stay readable (``org/name`` becomes ``org--name``); anything else
+    (paths, long names, names with ``--``) is cleaned and gets a hash of the original, so two
+    models never share a queue.
     """
-    cleaned = _SLUG_UNSAFE.sub("-", model.strip().lower().replace("/", "--")).strip("-.")
-    if cleaned == model and len(cleaned) <= 80:
-        return cleaned
-    digest = hashlib.sha256(model.encode()).hexdigest()[:8]
-    return f"{cleaned[-60:].strip('-.')}-{digest}"
+    if _HUB_ID.fullmatch(model) and "--" not in model and len(model) <= 80:
+        return model.replace("/", "--")
+    cleaned = _SLUG_UNSAFE.sub("-", model).strip("-.")[-60:].strip("-.")
+    digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{cleaned}-{digest}" if cleaned else digest
 
 
 def render_queue(prefix: str, model: str) -> str:

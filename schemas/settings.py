@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     """S3 endpoint; empty or unset means AWS itself."""
     s3_bucket: str = "skufleet"
     s3_region: str = "us-east-1"
+    s3_max_attempts: int = Field(default=5, ge=1, le=20)
+    """Tries per S3 request (boto3 standard retry mode, exponential backoff between them)."""
     model: str = DEFAULT_MODEL
     """Diffusers model id or local path; ``tiny`` is the built-in random test pipeline."""
     queue_prefix: str = Field(default="skufleet", pattern=r"^[A-Za-z0-9_.-]{1,64}$")

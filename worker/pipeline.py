@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -31,6 +31,16 @@ class Job:
     prompt: str
     negative_prompt: str
     seed: int
+
+
+class ImageModel(Protocol):
+    """What the renderer needs of a pipeline; test fixtures provide stand-ins."""
+
+    model: str
+
+    def describe_device(self) -> str: ...
+
+    def render(self, jobs: Sequence[Job], params: GenerationParams) -> list[Image.Image]: ...
 
 
 def resolve_device(device: str) -> torch.device:

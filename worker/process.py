@@ -13,13 +13,15 @@ import argparse
 import logging
 import socket
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from schemas import ledger
 from schemas.errors import FatalError, SkufleetError
 from schemas.names import render_queue
 from schemas.settings import Settings
 from worker.celery_app import BurstStep, create_app
-from worker.pipeline import Pipeline
+from worker.pipeline import ImageModel, Pipeline
 from worker.render import Renderer
 from worker.storage import Storage
 from worker.tasks import EXIT_DEVICE_FAILED, register_render
@@ -30,9 +32,18 @@ EXIT_CONFIG = 2
 
 
 def serve(
-    settings: Settings, model: str, device: str, name: str, burst: bool, loglevel: str = "INFO"
+    settings: Settings,
+    model: str,
+    device: str,
+    name: str,
+    burst: bool,
+    loglevel: str = "INFO",
+    load: Callable[[str, str, Path], ImageModel] = Pipeline.load,
 ) -> int:
-    """Run one device's worker until it is stopped; returns the exit code."""
+    """Run one device's worker until it is stopped; returns the exit code.
+
+    ``load(model, device, cache_dir)`` builds the pipeline; tests pass stand-ins here.
+    """
     hostname = f"{name}@{socket.gethostname()}"
     try:
         # 1. the ledger is reachable and at this code's schema
@@ -42,7 +53,7 @@ def serve(
         storage = Storage(settings)
         storage.ensure_bucket()
         # 3. the pipeline, loaded once and kept for the life of the process
-        pipeline = Pipeline.load(model, device, settings.cache_dir)
+        pipeline = load(model, device, settings.cache_dir)
     except FatalError as exc:
         log.critical("%s cannot start: %s", hostname, exc)
         return EXIT_DEVICE_FAILED
@@ -74,7 +85,10 @@ def serve(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    load: Callable[[str, str, Path], ImageModel] = Pipeline.load,
+) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m worker.process", description="One skufleet worker for one device."
     )
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.critical("invalid SKUFLEET_* setting: %s", exc)
         return EXIT_CONFIG
-    return serve(settings, args.model, args.device, args.name, args.burst, args.loglevel)
+    return serve(settings, args.model, args.device, args.name, args.burst, args.loglevel, load)
 
 
 if __name__ == "__main__":

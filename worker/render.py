@@ -21,7 +21,7 @@ from schemas.key import object_key
 from schemas.params import RenderPayload
 from schemas.settings import Settings
 from schemas.tables import ItemStatus
-from worker.pipeline import Job, Pipeline
+from worker.pipeline import ImageModel, Job
 from worker.postprocess import encode_png
 from worker.storage import Storage
 
@@ -41,6 +41,9 @@ class Outcome:
     """Items another attempt took over while we worked; our result was discarded."""
     attempt: int = 0
     """Highest attempt number among the items, for the retry backoff."""
+    split: bool = False
+    """The batch failed as a whole: retry its items one per message, so that one bad item
+    cannot keep failing the others."""
     fatal: FatalError | None = None
     """Set when the device cannot go on; the items were put back for other workers."""
 
@@ -56,7 +59,7 @@ class Renderer:
         self,
         settings: Settings,
         engine: Engine,
-        pipeline: Pipeline,
+        pipeline: ImageModel,
         storage: Storage,
         worker_name: str,
     ) -> None:
@@ -108,6 +111,7 @@ class Renderer:
         except Exception as exc:  # any error of the model is recorded on the items
             log.exception("render of %d items failed", len(claims))
             self._fail_all(claims, exc, outcome, retry=not isinstance(exc, ItemError))
+            outcome.split = len(claims) > 1
             return outcome
         seconds_per_item = (time.perf_counter() - started) / len(claims)
 

@@ -31,7 +31,7 @@ class Storage:
         self.bucket = settings.s3_bucket
         config = Config(
             # standard mode retries throttling, 5xx and dropped connections with backoff.
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
             connect_timeout=5,
             read_timeout=60,
             # S3-compatible servers (MinIO, SeaweedFS) are addressed by path, not DNS.

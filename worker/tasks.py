@@ -52,10 +52,17 @@ def register_render(app: Celery, renderer: Renderer, settings: Settings) -> Task
             delay = (
                 0.0 if outcome.fatal else backoff(settings.retry_backoff_seconds, outcome.attempt)
             )
-            log.info("retrying %d items in %.1fs", len(outcome.retry), delay)
-            raise self.retry(
-                args=[{**request.model_dump(), "item_ids": outcome.retry}], countdown=delay
+            groups = [[i] for i in outcome.retry] if outcome.split else [outcome.retry]
+            log.info(
+                "retrying %d items in %d messages in %.1fs", len(outcome.retry), len(groups), delay
             )
+            queue = (self.request.delivery_info or {}).get("routing_key")
+            for group in groups:
+                self.apply_async(
+                    args=[{**request.model_dump(), "item_ids": group}],
+                    countdown=delay,
+                    queue=queue,
+                )
         return {"succeeded": len(outcome.succeeded), "failed": len(outcome.failed)}
 
     return render

@@ -1,0 +1,170 @@
+"""Fixtures that give tests real services: PostgreSQL and SQLite ledgers, Redis, an S3 server.
+
+A missing service fails the test run; nothing here is skipped for want of one.
+Redis is shared, so every test gets its own queue prefix; PostgreSQL gives every test its
+own database; the S3 server (SeaweedFS) is private to the session and every test gets its
+own bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from producer.db import upgrade
+from producer.services import LocalS3
+from schemas import ledger
+from schemas.settings import Settings
+
+REDIS_URL = os.environ.get("SKUFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SKUFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+BIN = Path(sys.executable).parent
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is required at {REDIS_URL} (SKUFLEET_TEST_REDIS_URL): {exc}")
+    return REDIS_URL
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    name = f"skufleet_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required at {POSTGRES_ADMIN_URL}: {exc}")
+    yield sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(False)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that asks for it runs against PostgreSQL and against SQLite."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    """A ledger engine with the tables created by the real migrations."""
+    engine = ledger.create_engine(database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    server = LocalS3(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory holding the tiny pipeline, built once for the session."""
+    from worker import tiny
+
+    cache = tmp_path_factory.mktemp("models")
+    tiny.ensure(cache)
+    return cache
+
+
+@dataclass
+class Fleet:
+    """Environment and helpers to drive real skufleet processes against real services."""
+
+    env: dict[str, str]
+    s3: LocalS3
+    bucket: str
+    tmp_path: Path
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(
+            **{
+                key.removeprefix("SKUFLEET_").lower(): value
+                for key, value in self.env.items()
+                if key.startswith("SKUFLEET_")
+            }
+        )
+
+    def run(self, *command: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.tmp_path,
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(str(BIN / "skufleet"), *args)
+
+    def cli_json(self, *args: str) -> dict[str, Any]:
+        result = self.cli(*args)
+        assert result.returncode == 0, f"skufleet {' '.join(args)} failed:\n{result.stderr}"
+        return dict(json.loads(result.stdout))
+
+    def worker(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return self.run(str(BIN / "skufleet-worker"), *args, timeout=timeout)
+
+    def engine(self) -> sa.Engine:
+        return ledger.create_engine(self.env["SKUFLEET_DATABASE_URL"])
+
+    def objects(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Every object under ``prefix``: key → list entry."""
+        client = self.s3.client()
+        found: dict[str, dict[str, Any]] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
+            found.update({entry["Key"]: entry for entry in page.get("Contents", [])})
+        return found
+
+    def read_object(self, key: str) -> tuple[bytes, dict[str, Any]]:
+        response = self.s3.client().get_object(Bucket=self.bucket, Key=key)
+        return response["Body"].read(), response
+
+
+@pytest.fixture
+def fleet(
+    database_url: str, redis_url: str, s3: LocalS3, model_cache: Path, tmp_path: Path
+) -> Fleet:
+    bucket = f"test-{secrets.token_hex(6)}"
+    env = {
+        **os.environ,
+        **s3.env(),
+        "SKUFLEET_DATABASE_URL": database_url,
+        "SKUFLEET_REDIS_URL": redis_url,
+        "SKUFLEET_S3_BUCKET": bucket,
+        "SKUFLEET_QUEUE_PREFIX": f"test-{secrets.token_hex(6)}",
+        "SKUFLEET_CACHE_DIR": str(model_cache),
+        "SKUFLEET_RETRY_BACKOFF_SECONDS": "0.5",
+    }
+    return Fleet(env=env, s3=s3, bucket=bucket, tmp_path=tmp_path)

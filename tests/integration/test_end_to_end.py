@@ -1,0 +1,93 @@
+"""The whole path, with real processes: CSV → ledger → Redis → skufleet-worker → S3 → ledger."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+from sqlalchemy.orm import Session
+
+from producer.seed import derive_seed
+from schemas.key import object_key
+from schemas.tables import Item, ItemStatus, Run
+from tests.conftest import EXAMPLES, Fleet
+
+pytestmark = pytest.mark.integration
+
+CATALOGUE = str(EXAMPLES / "catalogue.csv")
+WORKER = ("--model", "tiny", "--devices", "cpu", "--burst")
+
+
+def test_catalogue_is_rendered_once_and_matches_the_ledger(fleet: Fleet) -> None:
+    """20 rows end as 20 succeeded items whose objects match the ledger; a re-run renders none."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+
+    # 1. enqueue the example catalogue
+    summary = fleet.cli_json(
+        "enqueue",
+        CATALOGUE,
+        "--run",
+        "smoke",
+        "--model",
+        "tiny",
+        "--seed",
+        "7",
+        "--batch-size",
+        "6",
+        "--size",
+        "64x48",
+        "--json",
+    )
+    assert {k: summary[k] for k in ("read", "accepted", "rejected", "duplicates", "enqueued")} == {
+        "read": 20,
+        "accepted": 20,
+        "rejected": 0,
+        "duplicates": 0,
+        "enqueued": 20,
+    }
+    assert summary["messages"] == 4  # 6 + 6 + 6 + 2
+
+    # 2. a real worker process drains the queue and exits 0
+    result = fleet.worker(*WORKER)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    # 3. the ledger says every item succeeded, each rendered once
+    status = fleet.cli_json("status", "smoke", "--json")
+    assert status == {
+        "run": "smoke",
+        "counts": {"pending": 0, "queued": 0, "running": 0, "succeeded": 20, "failed": 0},
+        "attempts": 20,
+    }
+
+    # 4. exactly one object per item, matching the recorded size and sha256
+    with Session(fleet.engine()) as session:
+        items = session.scalars(sa.select(Item).join(Run).where(Run.name == "smoke")).all()
+    objects = fleet.objects("smoke/")
+    assert sorted(objects) == sorted(item.object_key for item in items)
+    for item in items:
+        assert item.status is ItemStatus.SUCCEEDED
+        assert item.seed == derive_seed(7, item.sku, item.shot)
+        assert item.object_key == object_key("smoke", item.sku, item.shot)
+        body, response = fleet.read_object(item.object_key)
+        assert len(body) == item.byte_size == objects[item.object_key]["Size"]
+        assert hashlib.sha256(body).hexdigest() == item.sha256
+        assert response["ContentType"] == "image/png"
+        assert response["Metadata"]["seed"] == str(item.seed)
+        assert response["Metadata"]["model"] == "tiny"
+        image = Image.open(io.BytesIO(body))
+        assert (image.format, image.size) == ("PNG", (64, 48))
+        assert image.text["seed"] == str(item.seed)
+
+    # 5. enqueuing the same run again publishes and renders nothing
+    again = fleet.cli_json(
+        "enqueue", CATALOGUE, "--run", "smoke", "--model", "tiny", "--seed", "7", "--json"
+    )
+    assert (again["new"], again["enqueued"], again["messages"]) == (0, 0, 0)
+    assert fleet.worker(*WORKER).returncode == 0
+    assert fleet.cli_json("status", "smoke", "--json")["attempts"] == 20
+    assert {k: v["ETag"] for k, v in fleet.objects("smoke/").items()} == {
+        k: v["ETag"] for k, v in objects.items()
+    }

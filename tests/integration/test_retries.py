@@ -1,0 +1,69 @@
+"""Errors are recorded on the item and retried with backoff up to the cap, then failed."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from schemas.tables import Item, ItemStatus
+from tests.conftest import Fleet
+from tests.fixtures.pipelines import POISON
+
+pytestmark = pytest.mark.integration
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
+    fleet: Fleet,
+) -> None:
+    """A batch that fails as a whole is retried item by item; only the poison item fails."""
+    catalogue = fleet.tmp_path / "catalogue.csv"
+    rows = [f"SKU-{i},Item {i}" for i in range(6)]
+    rows[2] = f"SKU-2,{POISON} item"
+    catalogue.write_text("sku,title\n" + "\n".join(rows) + "\n")
+    fleet.env.update({"SKUFLEET_MAX_ATTEMPTS": "3", "PYTHONPATH": ROOT})
+    assert fleet.cli("db", "upgrade").returncode == 0
+    fleet.cli_json(
+        "enqueue",
+        str(catalogue),
+        "--run",
+        "poison",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "3",
+        "--json",
+    )
+
+    result = fleet.run(
+        sys.executable,
+        "-m",
+        "tests.fixtures.serve",
+        "--fixture",
+        "poison",
+        "--",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--name",
+        "cpu",
+        "--burst",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    with Session(fleet.engine()) as session:
+        items = {item.sku: item for item in session.scalars(sa.select(Item))}
+    poison = items.pop("SKU-2")
+    assert poison.status is ItemStatus.FAILED
+    assert poison.attempts == 3
+    assert poison.last_error is not None and "poisoned prompt" in poison.last_error
+    assert poison.object_key is None
+    assert all(item.status is ItemStatus.SUCCEEDED for item in items.values())
+    # the poison's batch mates failed once with it, then succeeded alone
+    assert sorted(item.attempts for item in items.values()) == [1, 1, 1, 2, 2]
+    assert sorted(fleet.objects("poison/")) == sorted(i.object_key for i in items.values())

@@ -1,0 +1,123 @@
+"""The ledger's state machine on PostgreSQL and SQLite: compare-and-set claims and fences."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from schemas import ledger
+from schemas.errors import ConfigError, SchemaMissingError
+from schemas.params import GenerationParams
+from schemas.tables import Item, ItemStatus
+
+
+def add_run(engine: sa.Engine, n: int = 4, name: str = "r1") -> list[int]:
+    """A run with ``n`` items, all marked queued; returns their ids."""
+    with engine.begin() as conn:
+        run_id = ledger.upsert_run(conn, name, "tiny", 1, {})
+        items = [
+            ledger.NewItem(f"SKU-{i}", "main", f"prompt {i}", "", i, GenerationParams())
+            for i in range(n)
+        ]
+        assert ledger.insert_items(conn, run_id, items) == n
+        ids = [i for batch in ledger.pending_batches(conn, run_id, 100) for i in batch]
+        assert sorted(ledger.mark_queued(conn, ids)) == sorted(ids)
+    return ids
+
+
+def statuses(engine: sa.Engine) -> dict[int, str]:
+    with engine.connect() as conn:
+        return {row.id: row.status for row in conn.execute(sa.select(Item.id, Item.status))}
+
+
+def test_an_item_is_won_by_one_claim_only(engine: sa.Engine) -> None:
+    """Two workers claiming the same ids: the second gets nothing."""
+    ids = add_run(engine)
+    first = ledger.claim(engine, ids, "w1", "cpu", 60)
+    second = ledger.claim(engine, ids, "w2", "cpu", 60)
+    assert [c.id for c in first] == sorted(ids)
+    assert second == []
+    assert all(c.attempt == 1 for c in first)
+
+
+def test_a_stale_attempt_cannot_finish_or_fail(engine: sa.Engine) -> None:
+    """The attempt number fences completion: an old claim's finish is refused."""
+    item_id = add_run(engine, 1)[0]
+    stale = ledger.claim(engine, [item_id], "w1", "cpu", 60)[0]
+    # the item goes back to queued (as after a retry) and is claimed again
+    assert ledger.fail(engine, stale, "boom", retry=True, max_attempts=3) is ItemStatus.QUEUED
+    fresh = ledger.claim(engine, [item_id], "w2", "cpu", 60)[0]
+    assert fresh.attempt == 2
+    assert ledger.finish(engine, stale, "k", 1, "0" * 64, 0.1) is False
+    assert ledger.fail(engine, stale, "late", retry=True, max_attempts=3) is None
+    assert ledger.finish(engine, fresh, "k", 1, "0" * 64, 0.1) is True
+    assert statuses(engine)[item_id] == "succeeded"
+
+
+def test_failures_retry_until_the_cap_then_fail_with_the_reason(engine: sa.Engine) -> None:
+    """Each failed attempt under the cap requeues; the last one fails the item for good."""
+    item_id = add_run(engine, 1)[0]
+    results = []
+    for _ in range(3):
+        claimed = ledger.claim(engine, [item_id], "w", "cpu", 60)[0]
+        results.append(
+            ledger.fail(engine, claimed, f"boom {claimed.attempt}", retry=True, max_attempts=3)
+        )
+    assert results == [ItemStatus.QUEUED, ItemStatus.QUEUED, ItemStatus.FAILED]
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(Item).where(Item.id == item_id)).one()
+    assert (row.status, row.attempts, row.last_error) == ("failed", 3, "boom 3")
+    assert ledger.claim(engine, [item_id], "w", "cpu", 60) == []
+
+
+def test_a_permanent_error_fails_the_item_at_once(engine: sa.Engine) -> None:
+    """Errors that retrying cannot fix do not use up the remaining attempts."""
+    item_id = add_run(engine, 1)[0]
+    claimed = ledger.claim(engine, [item_id], "w", "cpu", 60)[0]
+    assert ledger.fail(engine, claimed, "bad", retry=False, max_attempts=3) is ItemStatus.FAILED
+
+
+def test_reinserting_a_catalogue_keeps_existing_rows(engine: sa.Engine) -> None:
+    """Items already in the run keep their status; only new (sku, shot) rows are inserted."""
+    ids = add_run(engine, 3)
+    claimed = ledger.claim(engine, ids[:1], "w", "cpu", 60)[0]
+    ledger.finish(engine, claimed, "k", 1, "0" * 64, 0.1)
+    with engine.begin() as conn:
+        run_id = ledger.upsert_run(conn, "r1", "tiny", 1, {})
+        items = [
+            ledger.NewItem(f"SKU-{i}", "main", "p", "", i, GenerationParams()) for i in range(5)
+        ]
+        assert ledger.insert_items(conn, run_id, items) == 2
+        assert len([i for b in ledger.pending_batches(conn, run_id, 100) for i in b]) == 2
+        status = ledger.run_status(conn, "r1")
+    assert status.counts == {"pending": 2, "queued": 2, "running": 0, "succeeded": 1, "failed": 0}
+    assert status.attempts == 1
+
+
+def test_batches_group_items_with_the_same_parameters(engine: sa.Engine) -> None:
+    """A message never mixes image sizes or step counts, and respects the batch size."""
+    with engine.begin() as conn:
+        run_id = ledger.upsert_run(conn, "mixed", "tiny", 1, {})
+        small, large = GenerationParams(width=64, height=64), GenerationParams()
+        items = [
+            ledger.NewItem(f"S{i}", "main", "p", "", i, small if i % 2 else large) for i in range(7)
+        ]
+        ledger.insert_items(conn, run_id, items)
+        batches = ledger.pending_batches(conn, run_id, 2)
+        sizes = {row.id: row.width for row in conn.execute(sa.select(Item.id, Item.width))}
+    assert sorted(len(b) for b in batches) == [1, 2, 2, 2]  # 3 small, 4 large
+    assert all(len({sizes[i] for i in batch}) == 1 for batch in batches)
+
+
+def test_a_run_keeps_its_model_and_seed(engine: sa.Engine) -> None:
+    """Continuing a run with another model or seed is refused, naming both."""
+    add_run(engine, 1)
+    with engine.begin() as conn, pytest.raises(ConfigError, match="created with model 'tiny'"):
+        ledger.upsert_run(conn, "r1", "other", 1, {})
+
+
+def test_missing_tables_are_reported_plainly(database_url: str) -> None:
+    """Before `skufleet db upgrade`, commands say so instead of failing on SQL."""
+    engine = ledger.create_engine(database_url)
+    with pytest.raises(SchemaMissingError, match="run `skufleet db upgrade`"):
+        ledger.require_schema(engine)
