@@ -190,6 +190,45 @@ def status(
     out.print(table)
 
 
+@app.command()
+def demo(
+    ctx: typer.Context,
+    catalogue: Annotated[Path, typer.Argument(help="Catalogue CSV.")] = Path(
+        "examples/catalogue.csv"
+    ),
+    model: Annotated[str, typer.Option(help="Model id or path; 'tiny' needs no download.")] = (
+        "tiny"
+    ),
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where services keep data and images land.")
+    ] = Path("skufleet-demo"),
+    batch_size: Annotated[int, typer.Option(help="Items per render message.")] = 4,
+) -> None:
+    """Start a private fleet (Redis, S3, SQLite, one CPU worker), render a catalogue, stop."""
+    from producer.demo import run_demo
+
+    settings: Settings = ctx.obj
+    with reported():
+        result = run_demo(
+            settings,
+            catalogue,
+            directory=directory,
+            model=model,
+            params=default_params(model),
+            batch_size=batch_size,
+            console=err,
+        )
+    table = Table(title=f"run {result.run}", show_header=False)
+    for name in ("succeeded", "failed"):
+        table.add_row(name, str(result.counts[name]))
+    table.add_row("rejected rows", str(result.summary.rejected + result.summary.duplicates))
+    table.add_row("seconds", f"{result.seconds:.1f}")
+    out.print(table)
+    out.print(f"{len(result.images)} images in {directory / 'images' / result.run}/")
+    if result.counts["failed"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app(prog_name="skufleet")
 

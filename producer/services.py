@@ -65,6 +65,7 @@ class Service:
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
+        self.directory = self.directory.resolve()  # servers run with this as their cwd
         self.directory.mkdir(parents=True, exist_ok=True)
         self.log_path = self.directory / f"{self.name}.log"
 

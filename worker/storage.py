@@ -27,7 +27,9 @@ class StoredObject:
 class Storage:
     """The run output bucket."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, session: boto3.Session | None = None) -> None:
+        """``session`` carries explicit credentials; by default boto3 finds its own
+        (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles)."""
         self.bucket = settings.s3_bucket
         config = Config(
             # standard mode retries throttling, 5xx and dropped connections with backoff.
@@ -37,7 +39,7 @@ class Storage:
             # S3-compatible servers (MinIO, SeaweedFS) are addressed by path, not DNS.
             s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
         )
-        self.client = boto3.client(
+        self.client = (session or boto3.Session()).client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
             region_name=settings.s3_region,
