@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.skufleet-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
-
-lint: $(STAMP)
-	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) skufleet-demo .pytest_cache .ruff_cache .mypy_cache

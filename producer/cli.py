@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -157,9 +156,10 @@ def enqueue(
     if as_json:
         print(json.dumps(summary.as_dict()))
         return
-    table = Table(title=f"run {summary.run} → queue {summary.queue}", show_header=False)
+    table = Table(title=f"run {summary.run}", show_header=False)
     for name in ("read", "accepted", "rejected", "duplicates", "new", "enqueued", "messages"):
         table.add_row(name, f"{getattr(summary, name):,}")
+    table.add_row("queue", summary.queue)
     out.print(table)
     for reason, count in sorted(summary.reasons.items()):
         err.print(f"  {count:,} × {reason}" + (f" (see {rejects})" if rejects else ""))
@@ -234,4 +234,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -107,7 +107,7 @@ def _download(
             .all()
         )
     paths = []
-    for key in keys:
+    for key in filter(None, keys):
         path = target / key
         path.parent.mkdir(parents=True, exist_ok=True)
         storage.client.download_file(settings.s3_bucket, key, str(path))

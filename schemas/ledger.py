@@ -144,20 +144,24 @@ def _chunks(values: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
+def _insert_new(conn: Connection) -> Any:
+    """``INSERT … ON CONFLICT (run_id, sku, shot) DO NOTHING`` in the connection's dialect."""
+    unique = ["run_id", "sku", "shot"]
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(Item).on_conflict_do_nothing(index_elements=unique)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(Item).on_conflict_do_nothing(index_elements=unique)
+
+
 def insert_items(conn: Connection, run_id: int, items: Iterable[NewItem]) -> int:
     """Insert items in statements of ``INSERT_CHUNK`` rows; existing (sku, shot) rows are kept.
 
     Returns how many rows were new.
     """
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    statement = (
-        insert(Item)
-        .on_conflict_do_nothing(index_elements=["run_id", "sku", "shot"])
-        .returning(Item.id)
-    )
+    statement = _insert_new(conn).returning(Item.id)
     inserted = 0
     now = utcnow()
     for chunk in _chunks(items, INSERT_CHUNK):

@@ -73,9 +73,9 @@ def _train_merges(words: list[str], byte_char: dict[int, str]) -> list[tuple[str
     """
     corpus: dict[tuple[str, ...], int] = {}
     for word in words:
-        pieces = [byte_char[b] for b in word.encode("utf-8")]
-        pieces[-1] += "</w>"
-        corpus[tuple(pieces)] = corpus.get(tuple(pieces), 0) + 1
+        symbols = [byte_char[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        corpus[tuple(symbols)] = corpus.get(tuple(symbols), 0) + 1
     merges: list[tuple[str, str]] = []
     while True:
         counts: dict[tuple[str, str], int] = {}
@@ -196,7 +196,7 @@ def build(directory: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(directory)
+    pipeline.save_pretrained(directory)  # type: ignore[attr-defined]
 
 
 def ensure(cache_dir: Path) -> Path:
