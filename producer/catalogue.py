@@ -176,6 +176,8 @@ class Catalogue:
                 number, line, "ragged", f"{len(row)} fields, the header has {len(self.columns)}"
             )
         for name, value in zip(self.columns, row, strict=True):
+            if "\x00" in value:
+                return Reject(number, line, "nul_byte", f"column {name!r} has a NUL byte")
             bad = _SURROGATE.search(value)
             if bad:
                 byte = ord(bad.group()) - 0xDC00

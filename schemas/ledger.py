@@ -315,11 +315,8 @@ def claim(
     return sorted(claims, key=lambda c: c.id)
 
 
-def finish(
-    engine: Engine, item: Claim, key: str, byte_size: int, sha256: str, render_seconds: float
-) -> bool:
-    """running → succeeded, only while the item is still ours (attempt fence)."""
-    now = utcnow()
+def _fenced_update(engine: Engine, item: Claim, values: dict[str, Any]) -> bool:
+    """Apply ``values`` to a running item only while ``attempts`` is still the claim's."""
     try:
         with engine.begin() as conn:
             result = conn.execute(
@@ -329,21 +326,33 @@ def finish(
                     Item.attempts == item.attempt,
                     Item.status == ItemStatus.RUNNING,
                 )
-                .values(
-                    status=ItemStatus.SUCCEEDED,
-                    object_key=key,
-                    byte_size=byte_size,
-                    sha256=sha256,
-                    render_seconds=render_seconds,
-                    last_error=None,
-                    finished_at=now,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
+                .values(**values)
             )
     except DBAPIError as exc:
         raise _translate(exc, engine) from exc
     return result.rowcount == 1
+
+
+def finish(
+    engine: Engine, item: Claim, key: str, byte_size: int, sha256: str, render_seconds: float
+) -> bool:
+    """running → succeeded, only while the item is still ours (attempt fence)."""
+    now = utcnow()
+    return _fenced_update(
+        engine,
+        item,
+        {
+            "status": ItemStatus.SUCCEEDED,
+            "object_key": key,
+            "byte_size": byte_size,
+            "sha256": sha256,
+            "render_seconds": render_seconds,
+            "last_error": None,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "updated_at": now,
+        },
+    )
 
 
 def fail(
@@ -360,25 +369,9 @@ def fail(
         "last_error": error[:4000],
         "lease_expires_at": None,
         "updated_at": now,
+        "queued_at" if status is ItemStatus.QUEUED else "finished_at": now,
     }
-    if status is ItemStatus.QUEUED:
-        values["queued_at"] = now
-    else:
-        values["finished_at"] = now
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(
-                sa.update(Item)
-                .where(
-                    Item.id == item.id,
-                    Item.attempts == item.attempt,
-                    Item.status == ItemStatus.RUNNING,
-                )
-                .values(**values)
-            )
-    except DBAPIError as exc:
-        raise _translate(exc, engine) from exc
-    return status if result.rowcount == 1 else None
+    return status if _fenced_update(engine, item, values) else None
 
 
 # --- reading ------------------------------------------------------------------------------

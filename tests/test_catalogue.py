@@ -34,11 +34,19 @@ def test_good_rows_are_accepted_with_their_record_and_line_numbers(tmp_path: Pat
 
 
 def test_every_bad_record_is_rejected_on_its_own(tmp_path: Path) -> None:
-    """Ragged rows, empty SKUs, bad bytes and duplicates are reported; the rest go through."""
+    """Ragged rows, empty SKUs, bad or NUL bytes and duplicates are reported; the rest pass."""
     path = tmp_path / "c.csv"
-    path.write_bytes(
-        b"sku,title\nA,ok\nB,too,many\n ,empty sku\nC,bad \xff byte\nA,again\nD,fine\n"
-    )
+    lines = [
+        b"sku,title",
+        b"A,ok",
+        b"B,too,many",
+        b" ,empty sku",
+        b"C,bad \xff byte",
+        b"A,again",
+        b"D,fine",
+        b"E,nul \x00 byte",
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
     outcomes, tally = read(path)
     rejects = [(o.record, o.line, o.reason) for o in outcomes if isinstance(o, Reject)]
     assert rejects == [
@@ -46,9 +54,10 @@ def test_every_bad_record_is_rejected_on_its_own(tmp_path: Path) -> None:
         (3, 4, "invalid_sku"),
         (4, 5, "encoding"),
         (5, 6, "duplicate"),
+        (7, 8, "nul_byte"),
     ]
     assert [o.sku for o in outcomes if isinstance(o, Record)] == ["A", "D"]
-    assert (tally.read, tally.accepted, tally.rejected, tally.duplicates) == (6, 2, 3, 1)
+    assert (tally.read, tally.accepted, tally.rejected, tally.duplicates) == (7, 2, 4, 1)
     assert tally.accepted + tally.rejected + tally.duplicates == tally.read
 
 

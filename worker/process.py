@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas import ledger
-from schemas.errors import FatalError, SkufleetError
+from schemas.errors import FatalError, RetryableError, SkufleetError
 from schemas.names import render_queue
 from schemas.settings import Settings
 from worker.celery_app import BurstStep, create_app
@@ -28,7 +28,10 @@ from worker.tasks import EXIT_DEVICE_FAILED, register_render
 
 log = logging.getLogger("skufleet.worker")
 
+EXIT_UNAVAILABLE = 1
+"""Exit code when the ledger or the bucket cannot be reached at start."""
 EXIT_CONFIG = 2
+"""Exit code for a configuration error (bad setting, ledger schema missing)."""
 
 
 def serve(
@@ -57,6 +60,9 @@ def serve(
     except FatalError as exc:
         log.critical("%s cannot start: %s", hostname, exc)
         return EXIT_DEVICE_FAILED
+    except RetryableError as exc:
+        log.critical("%s cannot start: %s", hostname, exc)
+        return EXIT_UNAVAILABLE
     except SkufleetError as exc:
         log.critical("%s cannot start: %s", hostname, exc)
         return EXIT_CONFIG

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from PIL import Image
 from sqlalchemy.engine import Engine
 
 from schemas import ledger
@@ -136,8 +137,8 @@ class Renderer:
         self,
         run: str,
         claim: ledger.Claim,
-        image,
-        seconds: float,  # type: ignore[no-untyped-def]
+        image: Image.Image,
+        seconds: float,
         outcome: Outcome,
     ) -> None:
         key = object_key(run, claim.sku, claim.shot, "png")
