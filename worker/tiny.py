@@ -1,119 +1,34 @@
 """The ``tiny`` model: a tiny, randomly initialised Stable Diffusion pipeline.
 
-Same classes as SD 1.5 (CLIP tokenizer and text encoder, UNet2DConditionModel, AutoencoderKL,
-PNDM scheduler with SD 1.5's settings), a few hundred thousand parameters, built without any
-download. It is written to disk once and then loaded with ``from_pretrained`` like any real
-model, so tests and demos exercise the same code path as production. It draws noise, fast.
+Same classes as SD 1.5 (CLIP tokenizer with SD 1.5's own vocabulary, CLIP text encoder,
+UNet2DConditionModel, AutoencoderKL, PNDM scheduler with SD 1.5's settings), about three
+million parameters, built without any download. It is written to disk once and then loaded
+with ``from_pretrained`` like any real model, so tests and demos exercise the same code path as
+production. It draws noise, fast.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from schemas.vocab import MAX_TOKENS, clip_vocabulary
+
 SEED = 0
 """Weights come from a fixed seed, so every process that builds them gets the same model."""
-VERSION = "1"
+VERSION = "2"
 """Bumped whenever the architecture below changes, so stale copies are rebuilt."""
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable character map."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
-# Words that become single tokens, so typical prompts fit CLIP's 77 tokens as they do with
-# the real vocabulary; any other word falls back to byte-level pieces.
-WORDS = """
-a an and the of on in with for to by at from front back side top view close up detail
-professional studio product photo photograph photography e-commerce catalogue catalog
-centered clean white background soft lighting light sharp focus high quality resolution
-blurry low distorted deformed watermark text logo cropped ugly bad noisy grainy dark
-shoe shoes boot boots bag bags tote backpack bottle lamp rug pillow cushion blanket chair
-table desk sofa bed shelf mug cup bowl plate kettle pan skillet pot knife spoon fork glass
-jar box toy toys bear blocks wooden wood metal steel iron brass gold silver leather canvas
-cotton linen wool silk ceramic stone glass plastic bamboo paper black white red blue green
-yellow orange purple pink brown grey gray beige cream tan natural olive sage teal rose
-clear multicolour navy charcoal honey small large mini long short tall round square slim
-soft hard heavy light new vintage modern classic minimal elegant simple handmade outdoor
-indoor home kitchen garden office travel sport sports running trail hiking camping tent
-lantern sunglasses wallet scarf perfume hairbrush brush jacket shirt dress hat watch ring
-necklace earrings bracelet phone case laptop headphones speaker camera footwear
-accessories beauty diagram illustration infographic labelled labeled anatomical medical
-reference lesson biology chemistry history geography map cell molecule heart lung brain
-bone muscle skeleton organ anatomy cross section style vector flat colour color colours
-colors realistic photorealistic render rendering 3d lifestyle scene person model hand
-hands wearing holding table shot angle wide macro texture material pattern printed
-""".split()
-
-
-def _train_merges(words: list[str], byte_char: dict[int, str]) -> list[tuple[str, str]]:
-    """Byte-pair merges learnt from ``words`` until each is one token; deterministic.
-
-    Plain BPE training: merge the most frequent adjacent pair (ties broken by the pair
-    itself), again and again. Replaying these merges in order, as the tokenizer does,
-    rebuilds every training word as one end-of-word token.
-    """
-    corpus: dict[tuple[str, ...], int] = {}
-    for word in words:
-        symbols = [byte_char[b] for b in word.encode("utf-8")]
-        symbols[-1] += "</w>"
-        corpus[tuple(symbols)] = corpus.get(tuple(symbols), 0) + 1
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts: dict[tuple[str, str], int] = {}
-        for pieces, n in corpus.items():
-            for pair in itertools.pairwise(pieces):
-                counts[pair] = counts.get(pair, 0) + n
-        if not counts:
-            return merges
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        corpus = {_merge(pieces, best): n for pieces, n in corpus.items()}
-
-
-def _merge(pieces: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    merged: list[str] = []
-    i = 0
-    while i < len(pieces):
-        if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
-            merged.append(pieces[i] + pieces[i + 1])
-            i += 2
-        else:
-            merged.append(pieces[i])
-            i += 1
-    return tuple(merged)
-
-
 def write_tokenizer(directory: Path) -> int:
-    """Write a byte-level CLIP vocabulary with merges for ``WORDS``; returns its size."""
-    byte_char = _bytes_to_unicode()
-    symbols = list(byte_char.values())
-    vocab = {symbol: i for i, symbol in enumerate(symbols)}
-    vocab.update({f"{symbol}</w>": len(symbols) + i for i, symbol in enumerate(symbols)})
-    words = sorted({word for text in WORDS for word in re.findall(r"[a-z]+", text)})
-    merges = _train_merges(words, byte_char)
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    """Write SD 1.5's CLIP tokenizer (vocab.json, merges.txt) to ``directory``; returns its size.
+
+    The vocabulary ships with skufleet, so ``tiny`` reads prompts exactly as SD 1.5 does.
+    """
+    vocab, merges = clip_vocabulary()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (directory / "merges.txt").write_text(
@@ -121,7 +36,8 @@ def write_tokenizer(directory: Path) -> int:
         encoding="utf-8",
     )
     (directory / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}), encoding="utf-8"
+        json.dumps({"model_max_length": MAX_TOKENS, "tokenizer_class": "CLIPTokenizer"}),
+        encoding="utf-8",
     )
     return len(vocab)
 
