@@ -33,9 +33,7 @@ def test_tiny_is_a_stable_diffusion_pipeline_loaded_from_disk(pipeline: Pipeline
 
 def test_images_have_the_requested_size_and_depend_on_the_seed(pipeline: Pipeline) -> None:
     """Same seed, same pixels; another seed, other pixels."""
-    a, b, c = pipeline.render(
-        [Job("red shoe", "", 1), Job("red shoe", "", 1), Job("red shoe", "", 2)], PARAMS
-    )
+    a, b, c = (pipeline.render([Job("red shoe", "", seed)], PARAMS)[0] for seed in (1, 1, 2))
     assert a.size == (64, 32)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
