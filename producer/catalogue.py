@@ -10,12 +10,14 @@ parsing, so a bad byte rejects only its own record instead of stopping the file.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from schemas.errors import CatalogueError
 
@@ -85,50 +87,131 @@ class Tally:
         self.reasons[outcome.reason] = self.reasons.get(outcome.reason, 0) + 1
 
 
+class _Lines:
+    """Physical lines of a file, decoded one by one, with their count and the byte offset
+    after the line that starts the current record (where parsing resumes after a bad one)."""
+
+    def __init__(self, raw: BinaryIO, encoding: str) -> None:
+        self.raw = raw
+        self.encoding = encoding
+        self.count = 0
+        self.resume_offset = 0
+        self._marked = False
+
+    def mark(self) -> None:
+        """The next line read starts a record."""
+        self._marked = True
+
+    def seek(self, offset: int, count: int) -> None:
+        self.raw.seek(offset)
+        self.count = count
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        data = self.raw.readline()
+        if not data:
+            raise StopIteration
+        self.count += 1
+        if self._marked:
+            self.resume_offset = self.raw.tell()
+            self._marked = False
+        if self.count == 1 and data.startswith(codecs.BOM_UTF8) and self.encoding == "utf-8":
+            data = data[len(codecs.BOM_UTF8) :]
+        return data.decode(self.encoding, "surrogateescape")
+
+
+STRUCTURAL = frozenset({"ragged", "malformed_quotes", "unterminated_quote", "too_long"})
+"""Reasons that may mean a stray quote swallowed the lines after a record's first line."""
+
+
 class Catalogue:
     """Iterate over a CSV catalogue's records, accepted ones as :class:`Record`, others as
     :class:`Reject`. The header is read and checked when the object is created.
+
+    ``columns`` maps skufleet's names to the catalogue's headers (``{"sku": "ItemID"}``).
+    When a record that spans several physical lines is rejected for its structure (a stray
+    quote makes the following lines part of it), only its first line is consumed: parsing
+    resumes on the next line, so the records a stray quote swallowed are still read.
     """
 
     def __init__(
         self,
         path: Path,
         *,
-        encoding: str = "utf-8-sig",
+        encoding: str = "utf-8",
         required: Sequence[str] = REQUIRED_COLUMNS,
         max_field_chars: int = MAX_FIELD_CHARS,
+        columns: Mapping[str, str] | None = None,
     ) -> None:
         self.path = path
-        self.encoding = encoding
         self.max_field_chars = max_field_chars
         try:
-            self._file = open(  # noqa: SIM115 - closed by close() / __exit__
-                path, encoding=encoding, errors="surrogateescape", newline=""
+            codec = codecs.lookup(encoding)
+        except LookupError:
+            raise CatalogueError(f"unknown encoding {encoding!r}") from None
+        if "\n".encode(codec.name) != b"\n" or ",".encode(codec.name) != b",":
+            raise CatalogueError(
+                f"encoding {encoding!r} is not ASCII-compatible; convert the catalogue to UTF-8"
             )
-        except (OSError, LookupError) as exc:
+        # utf-8-sig is read as utf-8 with the BOM of the first line removed
+        self.encoding = "utf-8" if codec.name in ("utf-8", "utf-8-sig") else codec.name
+        try:
+            self._raw = open(path, "rb")  # noqa: SIM115 - closed by close() / __exit__
+        except OSError as exc:
             raise CatalogueError(f"cannot open catalogue {path}: {exc}") from exc
-        self._reader = csv.reader(self._file, strict=True)
+        self._lines = _Lines(self._raw, self.encoding)
+        self._reader = csv.reader(self._lines, strict=True)
         try:
             header = next(self._reader)
         except StopIteration:
+            self.close()
             raise CatalogueError(f"catalogue {path} is empty: it has no header row") from None
         except csv.Error as exc:
+            self.close()
             raise CatalogueError(f"catalogue {path}: cannot parse the header: {exc}") from exc
-        self.columns = [name.strip() for name in header]
-        if any(_SURROGATE.search(name) for name in self.columns):
-            raise CatalogueError(
-                f"catalogue {path}: the header is not valid {encoding}; choose --encoding"
-            )
+        self.columns = self._map_header([name.strip() for name in header], columns or {})
         missing = [name for name in required if name not in self.columns]
         if missing:
+            self.close()
             raise CatalogueError(
                 f"catalogue {path} has no column {', '.join(map(repr, missing))}; "
                 f"columns found: {', '.join(map(repr, self.columns))}"
+                + ("" if columns else "; map other headers with --column NAME=HEADER")
             )
-        self._header_lines = self._reader.line_num
+
+    def _map_header(self, header: list[str], mapping: Mapping[str, str]) -> list[str]:
+        if any(_SURROGATE.search(name) for name in header):
+            self.close()
+            raise CatalogueError(
+                f"catalogue {self.path}: the header is not valid {self.encoding}; "
+                "choose another --encoding"
+            )
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            self.close()
+            raise CatalogueError(
+                f"catalogue {self.path}: column {', '.join(map(repr, repeated))} appears twice"
+            )
+        renamed = {source: name for name, source in mapping.items()}
+        for name, source in mapping.items():
+            if source not in header:
+                self.close()
+                raise CatalogueError(
+                    f"column mapping {name}={source!r}: catalogue {self.path} has no column "
+                    f"{source!r}; columns found: {', '.join(map(repr, header))}"
+                )
+            if name in header and name != source:
+                self.close()
+                raise CatalogueError(
+                    f"column mapping {name}={source!r}: catalogue {self.path} already has a "
+                    f"column {name!r}"
+                )
+        return [renamed.get(name, name) for name in header]
 
     def close(self) -> None:
-        self._file.close()
+        self._raw.close()
 
     def __enter__(self) -> Catalogue:
         return self
@@ -136,28 +219,34 @@ class Catalogue:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _resume_after(self, line: int) -> None:
+        """Parse again from the physical line after ``line``, the first line of a bad record."""
+        self._lines.seek(self._lines.resume_offset, line)
+        self._reader = csv.reader(self._lines, strict=True)
+
     def __iter__(self) -> Iterator[Record | Reject]:
         seen: set[bytes] = set()  # 8-byte digests of SKUs: ~60 MB per million SKUs
-        next_line = self._header_lines + 1
         number = 0
         while True:
-            line = next_line
+            self._lines.mark()
+            line = self._lines.count + 1
             try:
                 row = next(self._reader)
             except StopIteration:
                 return
             except csv.Error as exc:
                 number += 1
-                next_line = self._reader.line_num + 1
                 reason = "unterminated_quote" if "end of data" in str(exc) else "malformed_quotes"
-                yield Reject(number, line, reason, str(exc))
-                continue
-            next_line = self._reader.line_num + 1
-            if not row:  # a blank line is not a record
-                continue
-            number += 1
-            outcome = self._check(number, line, row)
-            if isinstance(outcome, Record):
+                outcome: Record | Reject = Reject(number, line, reason, str(exc))
+            else:
+                if not row:  # a blank line is not a record
+                    continue
+                number += 1
+                outcome = self._check(number, line, row)
+            if isinstance(outcome, Reject):
+                if outcome.reason in STRUCTURAL and self._lines.count > line:
+                    self._resume_after(line)
+            else:
                 digest = hashlib.blake2b(outcome.sku.encode(), digest_size=8).digest()
                 if digest in seen:
                     outcome = Reject(

@@ -5,14 +5,26 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from sqlalchemy.engine import Engine
 
 from schemas import ledger
 from schemas.errors import CatalogueError, ConfigError, SkufleetError
@@ -29,6 +41,9 @@ app.add_typer(db_app, name="db")
 
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole for grep and logs
 out = Console()
+
+RATE_WINDOW = timedelta(seconds=60)
+"""Items/s in `skufleet status` counts the items finished within this window."""
 
 
 def fail(exc: SkufleetError) -> NoReturn:
@@ -54,11 +69,46 @@ def _main(ctx: typer.Context) -> None:
         fail(ConfigError(f"invalid SKUFLEET_* setting: {exc}"))
 
 
+def ledger_engine(settings: Settings) -> Engine:
+    """The ledger, checked to be at this code's schema."""
+    engine = ledger.create_engine(settings.database_url)
+    ledger.require_schema(engine)
+    return engine
+
+
 def parse_size(value: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)[xX](\d+)", value.strip())
     if not match:
         raise ConfigError(f"--size must look like 512x512, got {value!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+def parse_columns(values: list[str]) -> dict[str, str]:
+    mapping = {}
+    for value in values:
+        name, sep, header = value.partition("=")
+        if not sep or not name.strip() or not header.strip():
+            raise ConfigError(f"--column must look like sku=ItemID, got {value!r}")
+        mapping[name.strip()] = header.strip()
+    return mapping
+
+
+def parse_overrides(
+    model: str, size: str | None, steps: int | None, guidance: float | None
+) -> dict[str, Any]:
+    """Generation parameters given on the command line, checked against the model defaults."""
+    overrides: dict[str, Any] = {}
+    if size is not None:
+        overrides["width"], overrides["height"] = parse_size(size)
+    if steps is not None:
+        overrides["steps"] = steps
+    if guidance is not None:
+        overrides["guidance_scale"] = guidance
+    try:
+        GenerationParams(**{**default_params(model).model_dump(), **overrides})
+    except ValueError as exc:
+        raise ConfigError(f"invalid generation parameters: {exc}") from exc
+    return overrides
 
 
 @db_app.command("upgrade")
@@ -80,89 +130,143 @@ def enqueue(
     catalogue: Annotated[Path, typer.Argument(help="Catalogue CSV with at least sku and title.")],
     run: Annotated[str, typer.Option(help="Run name; also the object key prefix.")],
     model: Annotated[str | None, typer.Option(help="Model id or path [SKUFLEET_MODEL].")] = None,
+    template: Annotated[
+        str, typer.Option(help="Template pack: ecommerce, education, medical or a TOML path.")
+    ] = "ecommerce",
+    column: Annotated[
+        list[str] | None,
+        typer.Option(help="Map a catalogue header to a skufleet name: sku=ItemID (repeatable)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Run seed; item seeds derive from it.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Items per render message.")] = 8,
-    size: Annotated[str | None, typer.Option(help="Image size WxH [model default].")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps [model default].")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale [7.5].")] = None,
-    encoding: Annotated[str, typer.Option(help="Catalogue text encoding.")] = "utf-8-sig",
+    size: Annotated[str | None, typer.Option(help="Image size WxH [pack/model default].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps [pack/model default].")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale [pack default].")] = None,
+    encoding: Annotated[str, typer.Option(help="Catalogue text encoding.")] = "utf-8",
     rejects: Annotated[
-        Path | None, typer.Option(help="Write rejected records here as JSON Lines.")
+        Path | None,
+        typer.Option(help="Write rejected records and too-long prompts here as JSON Lines."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Read a catalogue, record its items in the ledger and queue them for rendering."""
+    """Read a catalogue, record its items in the ledger and queue them for rendering.
+
+    Enqueuing a run again with an updated catalogue renders only new items and items whose
+    prompt or parameters changed.
+    """
     from producer.enqueue import EnqueueRequest
     from producer.enqueue import enqueue as run_enqueue
     from producer.publish import Publisher
+    from producer.template import TemplatePack
 
     settings: Settings = ctx.obj
     with reported():
         model = model or settings.model
-        params = default_params(model).model_dump()
-        if size is not None:
-            params["width"], params["height"] = parse_size(size)
-        if steps is not None:
-            params["steps"] = steps
-        if guidance is not None:
-            params["guidance_scale"] = guidance
-        try:
-            generation = GenerationParams(**params)
-        except ValueError as exc:
-            raise ConfigError(f"invalid generation parameters: {exc}") from exc
+        pack = TemplatePack.load(template).with_columns(parse_columns(column or []))
         request = EnqueueRequest(
             catalogue=catalogue,
             run=run,
             model=model,
             seed=seed,
             batch_size=batch_size,
-            params=generation,
+            pack=pack,
+            overrides=parse_overrides(model, size, steps, guidance),
             encoding=encoding,
         )
-        engine = ledger.create_engine(settings.database_url)
+        engine = ledger_engine(settings)
         publisher = Publisher(settings)
-        show_progress = not as_json and err.is_terminal
         with contextlib.ExitStack() as stack:
+            stack.callback(publisher.close)
             sink = stack.enter_context(rejects.open("w", encoding="utf-8")) if rejects else None
-            progress_bar = stack.enter_context(
+            bar = stack.enter_context(
                 Progress(
                     SpinnerColumn(),
                     TextColumn("{task.description}"),
                     TimeElapsedColumn(),
                     console=err,
-                    disable=not show_progress,
+                    disable=as_json or not err.is_terminal,
                 )
             )
-            tasks = {
-                stage: progress_bar.add_task(stage, total=None) for stage in ("read", "queued")
-            }
-
             labels = {"read": "records read", "queued": "items queued"}
+            tasks = {stage: bar.add_task(label, total=None) for stage, label in labels.items()}
 
             def progress(stage: str, count: int) -> None:
-                progress_bar.update(
-                    tasks[stage], completed=count, description=f"{count:,} {labels[stage]}"
-                )
+                bar.update(tasks[stage], description=f"{count:,} {labels[stage]}")
 
             summary = run_enqueue(
                 engine,
                 publisher,
                 request,
                 queue_prefix=settings.queue_prefix,
-                rejects=sink,
+                report=sink,
                 progress=progress,
             )
-        publisher.close()
     if as_json:
         print(json.dumps(summary.as_dict()))
         return
     table = Table(title=f"run {summary.run}", show_header=False)
-    for name in ("read", "accepted", "rejected", "duplicates", "new", "enqueued", "messages"):
-        table.add_row(name, f"{getattr(summary, name):,}")
+    for name in (
+        "read",
+        "accepted",
+        "rejected",
+        "duplicates",
+        "items",
+        "new",
+        "changed",
+        "unchanged",
+        "in_flight",
+        "long_prompts",
+        "enqueued",
+        "messages",
+    ):
+        table.add_row(name.replace("_", " "), f"{getattr(summary, name):,}")
     table.add_row("queue", summary.queue)
     out.print(table)
     for reason, count in sorted(summary.reasons.items()):
         err.print(f"  {count:,} × {reason}" + (f" (see {rejects})" if rejects else ""))
+    if summary.long_prompts:
+        err.print(
+            f"  {summary.long_prompts:,} items have prompts over 77 CLIP tokens, which "
+            "SD 1.5 cuts" + (f" (see {rejects})" if rejects else "; see --rejects")
+        )
+    if summary.in_flight:
+        err.print(
+            f"  {summary.in_flight:,} changed items are rendering now with their old "
+            "content; enqueue again once they finish"
+        )
+
+
+def _status_view(engine: Engine, run: str) -> tuple[Group, ledger.RunStatus]:
+    with engine.connect() as conn:
+        status = ledger.run_status(conn, run)
+        recent = ledger.finished_since(conn, run, ledger.utcnow() - RATE_WINDOW)
+        reasons = ledger.failure_reasons(conn, run)
+    rate = recent / RATE_WINDOW.total_seconds()
+    remaining = status.total - status.done
+    eta = (
+        f"{timedelta(seconds=round(remaining / rate))}"
+        if rate and remaining
+        else ("done" if not remaining else "—")
+    )
+    bar = Progress(
+        TextColumn(f"run {run}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(f"{rate:.2f} items/s · ETA {eta}"),
+    )
+    bar.add_task(run, total=status.total or 1, completed=status.done)
+    table = Table(show_header=True, box=None)
+    for name in status.counts:
+        table.add_column(name, justify="right")
+    table.add_column("renders started", justify="right")
+    table.add_row(*(f"{n:,}" for n in status.counts.values()), f"{status.attempts:,}")
+    parts: list[Any] = [bar, table]
+    if reasons:
+        failures = Table(title="failures by reason", show_header=False, box=None)
+        for reason, count in reasons:
+            failures.add_row(f"{count:,}", reason)
+        parts.append(failures)
+    return Group(*parts), status
 
 
 @app.command()
@@ -170,24 +274,128 @@ def status(
     ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Run name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print counts as JSON.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh until every item is done.")
+    ] = False,
 ) -> None:
-    """Items of a run counted by status."""
+    """Progress of a run: items by status, items/s, ETA and failures by reason."""
     settings: Settings = ctx.obj
     with reported():
-        engine = ledger.create_engine(settings.database_url)
-        ledger.require_schema(engine)
+        engine = ledger_engine(settings)
+        if as_json:
+            with engine.connect() as conn:
+                print(json.dumps(ledger.run_status(conn, run).as_dict()))
+            return
+        view, current = _status_view(engine, run)
+        if not watch:
+            out.print(view)
+            return
+        with Live(view, console=out, refresh_per_second=1) as live:
+            while current.done < current.total:
+                time.sleep(2)
+                view, current = _status_view(engine, run)
+                live.update(view)
+
+
+@app.command()
+def runs(ctx: typer.Context) -> None:
+    """Every run with its progress, newest first."""
+    settings: Settings = ctx.obj
+    with reported():
+        engine = ledger_engine(settings)
         with engine.connect() as conn:
-            result = ledger.run_status(conn, run)
-    if as_json:
-        print(json.dumps(result.as_dict()))
-        return
-    table = Table(title=f"run {run}")
-    table.add_column("status")
-    table.add_column("items", justify="right")
-    for name, count in result.counts.items():
-        table.add_row(name, f"{count:,}")
-    table.add_row("renders started", f"{result.attempts:,}")
+            found = ledger.list_runs(conn)
+    table = Table()
+    for name in ("run", "model", "pack", "created", "succeeded", "failed", "open", "state"):
+        table.add_column(
+            name, justify="right" if name in ("succeeded", "failed", "open") else "left"
+        )
+    for run in found:
+        counts = run.status.counts
+        open_items = run.status.total - run.status.done
+        state = "cancelled" if run.cancelled else ("done" if not open_items else "running")
+        table.add_row(
+            run.name,
+            run.model,
+            run.template,
+            f"{run.created_at:%Y-%m-%d %H:%M}",
+            f"{counts['succeeded']:,}/{run.status.total:,}",
+            f"{counts['failed']:,}",
+            f"{open_items:,}",
+            state,
+        )
     out.print(table)
+
+
+@app.command()
+def cancel(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run name.")]) -> None:
+    """Stop a run: its pending and queued items are cancelled and skipped by the workers."""
+    settings: Settings = ctx.obj
+    with reported():
+        engine = ledger_engine(settings)
+        with engine.begin() as conn:
+            cancelled = ledger.cancel_run(conn, ledger.run_id(conn, run))
+    out.print(f"run {run}: {cancelled:,} items cancelled; running items finish")
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    failed: Annotated[
+        bool, typer.Option("--failed", help="Only failed items (not cancelled ones).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print counts as JSON.")] = False,
+) -> None:
+    """Queue a run's failed and cancelled items again, each with a fresh attempt budget."""
+    from producer.enqueue import retry as retry_run
+    from producer.publish import Publisher
+
+    settings: Settings = ctx.obj
+    with reported():
+        engine = ledger_engine(settings)
+        publisher = Publisher(settings)
+        try:
+            result = retry_run(
+                engine, publisher, run, failed_only=failed, queue_prefix=settings.queue_prefix
+            )
+        finally:
+            publisher.close()
+    if as_json:
+        print(json.dumps(result))
+    else:
+        out.print(
+            f"run {run}: {result['retried']:,} items retried, {result['enqueued']:,} "
+            f"queued in {result['messages']:,} messages"
+        )
+
+
+@app.command()
+def manifest(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write here instead of standard output.")
+    ] = None,
+) -> None:
+    """JSON Lines, one per succeeded item: run, sku, shot, key, seed, sha256, bytes, prompt,
+    negative prompt, model and generation parameters."""
+    settings: Settings = ctx.obj
+    with reported():
+        engine = ledger_engine(settings)
+        with contextlib.ExitStack() as stack:
+            sink = (
+                stack.enter_context(out_file.open("w", encoding="utf-8"))
+                if out_file
+                else sys.stdout
+            )
+            conn = stack.enter_context(engine.connect())
+            count = 0
+            for record in ledger.manifest(conn, run):
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+    if out_file:
+        err.print(f"{count:,} items written to {out_file}")
 
 
 @app.command()
@@ -196,9 +404,10 @@ def demo(
     catalogue: Annotated[Path, typer.Argument(help="Catalogue CSV.")] = Path(
         "examples/catalogue.csv"
     ),
-    model: Annotated[str, typer.Option(help="Model id or path; 'tiny' needs no download.")] = (
-        "tiny"
-    ),
+    model: Annotated[
+        str, typer.Option(help="Model id or path; 'tiny' needs no download.")
+    ] = "tiny",
+    template: Annotated[str, typer.Option(help="Template pack name or path.")] = "ecommerce",
     directory: Annotated[
         Path, typer.Option("--dir", help="Where services keep data and images land.")
     ] = Path("skufleet-demo"),
@@ -206,6 +415,7 @@ def demo(
 ) -> None:
     """Start a private fleet (Redis, S3, SQLite, one CPU worker), render a catalogue, stop."""
     from producer.demo import run_demo
+    from producer.template import TemplatePack
 
     settings: Settings = ctx.obj
     with reported():
@@ -214,7 +424,7 @@ def demo(
             catalogue,
             directory=directory,
             model=model,
-            params=default_params(model),
+            pack=TemplatePack.load(template),
             batch_size=batch_size,
             console=err,
         )

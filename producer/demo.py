@@ -27,9 +27,9 @@ from producer.db import upgrade
 from producer.enqueue import EnqueueRequest, EnqueueSummary, enqueue
 from producer.publish import Publisher
 from producer.services import LocalRedis, LocalS3
+from producer.template import TemplatePack
 from schemas import ledger
 from schemas.errors import ConfigError
-from schemas.params import GenerationParams
 from schemas.settings import Settings
 from schemas.tables import Item, ItemStatus, Run
 
@@ -121,7 +121,7 @@ def run_demo(
     *,
     directory: Path,
     model: str,
-    params: GenerationParams,
+    pack: TemplatePack,
     batch_size: int,
     console: Console,
     timeout: float = 1800.0,
@@ -144,7 +144,7 @@ def run_demo(
             engine,
             publisher,
             EnqueueRequest(
-                catalogue=catalogue, run=run, model=model, batch_size=batch_size, params=params
+                catalogue=catalogue, run=run, model=model, batch_size=batch_size, pack=pack
             ),
             queue_prefix=settings.queue_prefix,
         )

@@ -1,48 +1,73 @@
-"""Enqueue a catalogue: rows into the ledger first, then one message per batch of item ids."""
+"""Enqueue a catalogue: rows into the ledger first, then one message per batch of item ids.
+
+1. stream the catalogue, render each row's shots from the template pack, and stage the
+   items in a temporary table, thousands of rows per statement;
+2. merge the staged items into the run in three set-based statements: insert the new ones,
+   update the changed ones (prompt or parameters differ) back to pending, and count the
+   rest, so re-enqueuing an updated catalogue renders only what is new or changed;
+3. mark pending items queued, commit, and publish their messages: only committed rows are
+   ever announced to the workers.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from sqlalchemy.engine import Engine
 
 from producer.catalogue import Catalogue, Record, Reject, Tally
 from producer.publish import Publisher
 from producer.seed import derive_seed
-from producer.template import DEFAULT_SHOT, PromptTemplate
+from producer.template import Rendered, TemplatePack
+from producer.tokens import count_tokens
 from schemas import ledger
 from schemas.errors import ConfigError, ItemError
 from schemas.key import check_run_name
 from schemas.names import render_queue
-from schemas.params import GenerationParams, RenderPayload
+from schemas.params import GenerationParams, RenderPayload, default_params
+from schemas.vocab import MAX_TOKENS
 
-PUBLISH_CHUNK = 1000
+STAGE_CHUNK = 1000
+"""Catalogue records rendered, token-checked and staged per statement."""
+PUBLISH_CHUNK = 2000
 """Items marked queued per ledger transaction before their messages are published."""
+
+Progress = Callable[[str, int], None]
 
 
 @dataclass
 class EnqueueSummary:
-    """What one enqueue did; ``accepted + rejected + duplicates == read``."""
+    """What one enqueue did. ``accepted + rejected + duplicates == read`` (records), and
+    ``new + changed + unchanged + in_flight == items`` (one item per accepted record and shot).
+    """
 
     run: str
     model: str
+    template: str
     queue: str
     read: int = 0
     accepted: int = 0
     rejected: int = 0
     duplicates: int = 0
+    items: int = 0
     new: int = 0
-    """Items inserted into the ledger by this enqueue."""
+    changed: int = 0
+    """Items whose prompt or parameters changed since the last enqueue: rendered again."""
+    unchanged: int = 0
+    in_flight: int = 0
+    """Changed items a worker is rendering right now: left alone; enqueue again later."""
+    long_prompts: int = 0
+    """Items whose prompt or negative prompt exceeds CLIP's 77 tokens (cut by SD 1.5)."""
     enqueued: int = 0
     """Items published for rendering by this enqueue."""
     messages: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -53,9 +78,10 @@ class EnqueueRequest:
     model: str
     seed: int = 0
     batch_size: int = 8
-    params: GenerationParams = field(default_factory=GenerationParams)
-    template: PromptTemplate = field(default_factory=PromptTemplate)
-    encoding: str = "utf-8-sig"
+    pack: TemplatePack = field(default_factory=TemplatePack.default)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Generation parameters given on the command line; they win over the pack's."""
+    encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
         check_run_name(self.run)
@@ -65,31 +91,178 @@ class EnqueueRequest:
             raise ConfigError(f"seed must be between 0 and 2**63-1, got {self.seed}")
 
 
-def _items(
-    catalogue: Catalogue,
-    request: EnqueueRequest,
-    tally: Tally,
-    on_reject: Callable[[Reject], None],
-) -> Iterator[ledger.NewItem]:
-    """Ledger items for every accepted record; every outcome is counted in ``tally``."""
-    for outcome in catalogue:
-        if isinstance(outcome, Record):
+def aspect_size(aspect: str, width: int, height: int) -> tuple[int, int]:
+    """The size with ratio ``aspect`` whose shorter side is the shorter of the model's default
+    ``width``/``height``, both rounded to multiples of 8."""
+    ratio_w, ratio_h = (int(part) for part in aspect.split(":"))
+    short = min(width, height)
+    if ratio_w >= ratio_h:
+        return round(short * ratio_w / ratio_h / 8) * 8, short
+    return short, round(short * ratio_h / ratio_w / 8) * 8
+
+
+class _Parameters:
+    """GenerationParams per distinct set of shot overrides, validated once each."""
+
+    def __init__(self, request: EnqueueRequest) -> None:
+        self.base = {**default_params(request.model).model_dump(), **request.pack.params}
+        self.overrides = request.overrides
+        self.pack = request.pack.source
+        self.cache: dict[tuple[tuple[str, Any], ...], GenerationParams] = {}
+
+    def __call__(self, rendered: Rendered) -> GenerationParams:
+        key = tuple(sorted(rendered.params.items()))
+        params = self.cache.get(key)
+        if params is None:
+            merged = {**self.base, **rendered.params, **self.overrides}
+            aspect = merged.pop("aspect", None)
+            if aspect and not {"width", "height"} & {*rendered.params, *self.overrides}:
+                merged["width"], merged["height"] = aspect_size(
+                    aspect, self.base["width"], self.base["height"]
+                )
             try:
-                prompt, negative = request.template.render(outcome.fields)
-            except ItemError as exc:
-                outcome = Reject(outcome.number, outcome.line, "template", str(exc))
-        tally.count(outcome)
-        if isinstance(outcome, Reject):
-            on_reject(outcome)
-            continue
-        yield ledger.NewItem(
-            sku=outcome.sku,
-            shot=DEFAULT_SHOT,
-            prompt=prompt,
-            negative_prompt=negative,
-            seed=derive_seed(request.seed, outcome.sku, DEFAULT_SHOT),
-            params=request.params,
+                params = self.cache[key] = GenerationParams(**merged)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{self.pack}: shot {rendered.shot!r} gives invalid parameters: {exc}"
+                ) from exc
+        return params
+
+
+def _chunks(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for value in values:
+        chunk.append(value)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Stager:
+    """Turns catalogue records into staged item rows, reporting every reject and long prompt."""
+
+    def __init__(self, request: EnqueueRequest, report: TextIO | None) -> None:
+        self.request = request
+        self.report = report
+        self.params = _Parameters(request)
+        self.tally = Tally()
+        self.items = 0
+        self.long_prompts = 0
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        if self.report is not None:
+            self.report.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def _render(self, record: Record) -> list[tuple[Rendered, GenerationParams]] | Reject:
+        pack = self.request.pack
+        try:
+            pack.category_for(record.fields)
+        except ItemError as exc:
+            return Reject(record.number, record.line, "unknown_category", str(exc))
+        try:
+            return [(shot, self.params(shot)) for shot in pack.render(record.fields)]
+        except ItemError as exc:
+            return Reject(record.number, record.line, "template", str(exc))
+
+    def rows(self, records: list[Record | Reject]) -> list[dict[str, Any]]:
+        """Staging rows for one chunk of catalogue outcomes."""
+        rows: list[dict[str, Any]] = []
+        origins: list[Record] = []
+        for outcome in records:
+            shots = self._render(outcome) if isinstance(outcome, Record) else outcome
+            if isinstance(shots, Reject):
+                self.tally.count(shots)
+                self._write(shots.as_dict())
+                continue
+            self.tally.count(outcome)
+            assert isinstance(outcome, Record)
+            for shot, params in shots:
+                rows.append(
+                    {
+                        "sku": outcome.sku,
+                        "shot": shot.shot,
+                        "prompt": shot.prompt,
+                        "negative_prompt": shot.negative,
+                        "seed": derive_seed(self.request.seed, outcome.sku, shot.shot),
+                        **params.model_dump(),
+                    }
+                )
+                origins.append(outcome)
+        self._check_tokens(rows, origins)
+        self.items += len(rows)
+        return rows
+
+    def _check_tokens(self, rows: list[dict[str, Any]], origins: list[Record]) -> None:
+        """Report prompts SD 1.5 would cut at 77 tokens; the items are kept."""
+        counts = count_tokens(
+            [row["prompt"] for row in rows] + [row["negative_prompt"] for row in rows]
         )
+        for i, (row, record) in enumerate(zip(rows, origins, strict=True)):
+            too_long = [
+                (kind, count)
+                for kind, count in (
+                    ("prompt", counts[i]),
+                    ("negative prompt", counts[len(rows) + i]),
+                )
+                if count.too_long
+            ]
+            if not too_long:
+                continue
+            self.long_prompts += 1
+            detail = "; ".join(
+                f"{kind} of shot {row['shot']!r} has {count.tokens} tokens, SD 1.5 reads "
+                f"{MAX_TOKENS} and drops {count.cut!r}"
+                for kind, count in too_long
+            )
+            self._write(
+                {
+                    "record": record.number,
+                    "line": record.line,
+                    "reason": "prompt_too_long",
+                    "detail": detail,
+                    "accepted": True,
+                }
+            )
+
+
+def publish_pending(
+    engine: Engine,
+    publisher: Publisher,
+    run_id: int,
+    model: str,
+    queue: str,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> tuple[int, int]:
+    """Mark the run's pending items queued and publish them; ``(items, messages)``.
+
+    Each chunk is committed before its messages go out. If publishing fails, the chunk's
+    items go back to pending, so nothing is left queued without a message.
+    """
+    with engine.connect() as conn:
+        batches = ledger.pending_batches(conn, run_id, batch_size)
+    items = messages = 0
+    for chunk in _chunked_batches(batches, PUBLISH_CHUNK):
+        with engine.begin() as conn:
+            queued = set(ledger.mark_queued(conn, [i for batch in chunk for i in batch]))
+        payloads = [
+            RenderPayload(run_id=run_id, model=model, item_ids=ids)
+            for batch in chunk
+            if (ids := [i for i in batch if i in queued])
+        ]
+        try:
+            publisher.publish(queue, payloads)
+        except BaseException:
+            with engine.begin() as conn:
+                ledger.unmark_queued(conn, sorted(queued))
+            raise
+        items += len(queued)
+        messages += len(payloads)
+        if progress is not None:
+            progress("queued", items)
+    return items, messages
 
 
 def enqueue(
@@ -98,27 +271,27 @@ def enqueue(
     request: EnqueueRequest,
     *,
     queue_prefix: str,
-    rejects: TextIO | None = None,
-    progress: Callable[[str, int], None] | None = None,
+    report: TextIO | None = None,
+    progress: Progress | None = None,
 ) -> EnqueueSummary:
-    """Insert the catalogue's items into the ledger, then publish the pending ones.
+    """Stage, merge and publish a catalogue (see the module docstring).
 
-    Items already in the run keep their row and status, so enqueuing the same run again
-    publishes nothing for items that are queued, running or done.
-    ``progress(stage, n)`` is called with ``("read", records)`` and ``("queued", items)``.
+    ``report`` receives one JSON line per rejected record (duplicates included) and per
+    accepted record whose prompt is too long. ``progress(stage, n)`` is called with
+    ``("read", records)`` and ``("queued", items)``.
     """
     ledger.require_schema(engine)
     queue = render_queue(queue_prefix, request.model)
-    summary = EnqueueSummary(run=request.run, model=request.model, queue=queue)
-    tally = Tally()
+    summary = EnqueueSummary(
+        run=request.run, model=request.model, template=request.pack.name, queue=queue
+    )
+    stager = _Stager(request, report)
 
-    def on_reject(reject: Reject) -> None:
-        if rejects is not None:
-            rejects.write(json.dumps(reject.as_dict(), ensure_ascii=False) + "\n")
-
-    # 1. rows into the ledger, in one transaction, thousands per statement
+    # 1. stage the catalogue, 2. merge it into the run, in one transaction
     with (
-        Catalogue(request.catalogue, encoding=request.encoding) as catalogue,
+        Catalogue(
+            request.catalogue, encoding=request.encoding, columns=request.pack.columns
+        ) as catalogue,
         engine.begin() as conn,
     ):
         run_id = ledger.upsert_run(
@@ -126,53 +299,44 @@ def enqueue(
             request.run,
             request.model,
             request.seed,
-            {**request.params.model_dump(), "batch_size": request.batch_size},
+            request.pack.name,
+            {**request.overrides, "batch_size": request.batch_size},
         )
-        items = _items(catalogue, request, tally, on_reject)
-        if progress is not None:
-            items = _reporting(items, tally, progress)
-        summary.new = ledger.insert_items(conn, run_id, items)
+        staging = ledger.ItemStaging(conn)
+        for chunk in _chunks(catalogue, STAGE_CHUNK):
+            staging.add(stager.rows(chunk))
+            if progress is not None:
+                progress("read", stager.tally.read)
+        summary.new, summary.changed, summary.in_flight = staging.merge(run_id)
+
+    tally = stager.tally
     summary.read, summary.accepted = tally.read, tally.accepted
     summary.rejected, summary.duplicates = tally.rejected, tally.duplicates
     summary.reasons = dict(tally.reasons)
+    summary.items, summary.long_prompts = stager.items, stager.long_prompts
+    summary.unchanged = summary.items - summary.new - summary.changed - summary.in_flight
 
-    # 2. pending items → queued (committed) → published; only committed rows are announced
-    with engine.connect() as conn:
-        batches = ledger.pending_batches(conn, run_id, request.batch_size)
-    for chunk in _chunked_batches(batches, PUBLISH_CHUNK):
-        with engine.begin() as conn:
-            queued = set(ledger.mark_queued(conn, [i for batch in chunk for i in batch]))
-        payloads = [
-            RenderPayload(
-                run_id=run_id, model=request.model, item_ids=[i for i in batch if i in queued]
-            )
-            for batch in chunk
-        ]
-        payloads = [p for p in payloads if p.item_ids]
-        try:
-            publisher.publish(queue, payloads)
-        except Exception:
-            with engine.begin() as conn:
-                ledger.unmark_queued(conn, sorted(queued))
-            raise
-        summary.enqueued += len(queued)
-        summary.messages += len(payloads)
-        if progress is not None:
-            progress("queued", summary.enqueued)
-
+    # 3. pending items → queued (committed) → published
+    summary.enqueued, summary.messages = publish_pending(
+        engine, publisher, run_id, request.model, queue, request.batch_size, progress
+    )
     with engine.begin() as conn:
         ledger.record_enqueue(conn, run_id, summary.as_dict())
     return summary
 
 
-def _reporting(
-    items: Iterator[ledger.NewItem], tally: Tally, progress: Callable[[str, int], None]
-) -> Iterator[ledger.NewItem]:
-    for item in items:
-        yield item
-        if tally.read % 1000 == 0:
-            progress("read", tally.read)
-    progress("read", tally.read)
+def retry(
+    engine: Engine, publisher: Publisher, name: str, *, failed_only: bool, queue_prefix: str
+) -> dict[str, Any]:
+    """Put a run's failed (and cancelled) items back to pending and publish them."""
+    with engine.begin() as conn:
+        run = ledger.run_id(conn, name)
+        model, batch_size = ledger.run_settings(conn, run)
+        retried = ledger.retry_run(conn, run, failed_only=failed_only)
+    enqueued, messages = publish_pending(
+        engine, publisher, run, model, render_queue(queue_prefix, model), batch_size
+    )
+    return {"run": name, "retried": retried, "enqueued": enqueued, "messages": messages}
 
 
 def _chunked_batches(batches: list[list[int]], items_per_chunk: int) -> Iterator[list[list[int]]]:

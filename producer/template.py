@@ -1,46 +1,254 @@
-"""Prompt templates, rendered in a sandbox with strict undefined names.
+"""Template packs: per category a subject, a negative prompt, parameters and named shots.
 
-Catalogue text is data, never code: templates are Jinja2 in a ``SandboxedEnvironment``, and
-a field the template names but the row lacks is an error that names the field, never an
-empty string in a prompt.
+A pack is a TOML file::
+
+    name = "ecommerce"
+    category_column = "category"     # which column picks the category (optional)
+
+    [columns]                         # skufleet name = catalogue header (optional)
+    sku = "ItemID"
+
+    [params]                          # defaults for every category (optional)
+    steps = 30
+
+    [categories.default]              # used when no other category matches
+    subject = "{{ title }}"
+    negative = "blurry, watermark"
+    [categories.default.shots.front]
+    prompt = "{{ subject }}, front view, white background"
+
+    [categories.footwear]
+    match = ["shoes", "boots"]        # other category values that select it
+    ...
+
+Every shot of a row is its own item, with its own seed and object. Templates are Jinja2,
+rendered in a ``SandboxedEnvironment`` with strict undefined names: catalogue text is data,
+never code, and a template that names a field the row lacks is an error naming the field.
+Inside a template every column is a variable (``{{ title }}``), ``row`` holds them all
+(``{{ row["Product Name"] }}``), and shots also see ``subject`` and ``category``.
+Parameters resolve as: model defaults < pack ``params`` < category ``params`` < shot keys <
+command-line flags. Packs usually leave the size to the model and give a shot an ``aspect``
+(``"2:3"``): the shorter side keeps the model's default, so one pack serves SD 1.5 (512×768)
+and the fast ``tiny`` test model (64×96) alike.
 """
 
 from __future__ import annotations
 
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, Template, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.errors import ItemError
+from schemas.errors import ConfigError, ItemError
+from schemas.params import GenerationParams
+
+PACKS = Path(__file__).resolve().parent / "packs"
+"""The packs that ship with skufleet, usable by name (``--template education``)."""
+DEFAULT_PACK = "ecommerce"
+DEFAULT_CATEGORY = "default"
 
 _ENVIRONMENT = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+PARAM_KEYS = ("width", "height", "steps", "guidance_scale", "aspect")
 
-DEFAULT_SHOT = "main"
-DEFAULT_PROMPT = (
-    "{{ title }}{% if category is defined and category %}, {{ category }}{% endif %}, "
-    "professional e-commerce product photo, centered on a clean white background, "
-    "soft studio lighting, sharp focus, high detail"
-)
-DEFAULT_NEGATIVE = "blurry, low quality, distorted, deformed, watermark, text, logo, cropped"
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Params(_Strict):
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    aspect: str | None = Field(default=None, pattern=r"^[1-9][0-9]?:[1-9][0-9]?$")
+    """Width:height; the shorter side keeps the model's default size (SD 1.5 2:3 → 512×768)."""
+
+    def set(self) -> dict[str, Any]:
+        """The parameters this table sets, checked against GenerationParams' bounds."""
+        values = self.model_dump(include=set(PARAM_KEYS), exclude_none=True)
+        sized = {k: v for k, v in values.items() if k != "aspect"}
+        GenerationParams(**{**GenerationParams().model_dump(), **sized})
+        return values
+
+
+class _Shot(_Params):
+    prompt: str
+    negative: str | None = None
+
+
+class _Category(_Strict):
+    subject: str = "{{ title }}"
+    negative: str = ""
+    match: list[str] = Field(default_factory=list)
+    params: _Params = Field(default_factory=_Params)
+    shots: dict[str, _Shot | str] = Field(min_length=1)
+
+
+class _Pack(_Strict):
+    name: str
+    description: str = ""
+    category_column: str = "category"
+    columns: dict[str, str] = Field(default_factory=dict)
+    params: _Params = Field(default_factory=_Params)
+    categories: dict[str, _Category] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
-class PromptTemplate:
-    """A prompt and a negative prompt template, compiled once."""
+class Shot:
+    """One named variant of an item, compiled."""
 
-    prompt: str = DEFAULT_PROMPT
-    negative: str = DEFAULT_NEGATIVE
+    name: str
+    prompt: Template
+    negative: Template
+    params: dict[str, Any]
+    """Parameters this shot sets, on top of the pack's and its category's."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_prompt", _ENVIRONMENT.from_string(self.prompt))
-        object.__setattr__(self, "_negative", _ENVIRONMENT.from_string(self.negative))
 
-    def render(self, fields: dict[str, str]) -> tuple[str, str]:
-        """``(prompt, negative prompt)`` for one row; ItemError names a missing field."""
+@dataclass(frozen=True)
+class Category:
+    name: str
+    subject: Template
+    shots: tuple[Shot, ...]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One item's text and parameter overrides, as a pack renders it from a row."""
+
+    shot: str
+    prompt: str
+    negative: str
+    params: dict[str, Any]
+
+
+def _compile(source: str, where: str) -> Template:
+    try:
+        return _ENVIRONMENT.from_string(source)
+    except TemplateError as exc:
+        raise ConfigError(f"{where}: invalid template: {exc}") from exc
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _category_key(value: str) -> str:
+    return re.sub(r"[\s-]+", "_", value.strip().lower())
+
+
+class TemplatePack:
+    """A compiled template pack."""
+
+    def __init__(self, spec: _Pack, source: str) -> None:
+        self.name = spec.name
+        self.description = spec.description
+        self.source = source
+        self.category_column = spec.category_column
+        self.columns = dict(spec.columns)
+        self.params = spec.params.set()
+        self.categories: dict[str, Category] = {}
+        self._lookup: dict[str, Category] = {}
+        for name, category in spec.categories.items():
+            where = f"{source}: categories.{name}"
+            if not re.match(_NAME, name):
+                raise ConfigError(f"{where}: category names are lower-case [a-z0-9_-]")
+            shots = []
+            for shot_name, shot in category.shots.items():
+                if not re.match(_NAME, shot_name):
+                    raise ConfigError(
+                        f"{where}.shots.{shot_name}: shot names are 1-32 of [a-z0-9_-]"
+                    )
+                spec_shot = shot if isinstance(shot, _Shot) else _Shot(prompt=shot)
+                shots.append(
+                    Shot(
+                        name=shot_name,
+                        prompt=_compile(spec_shot.prompt, f"{where}.shots.{shot_name}.prompt"),
+                        negative=_compile(
+                            category.negative if spec_shot.negative is None else spec_shot.negative,
+                            f"{where}.shots.{shot_name}.negative",
+                        ),
+                        params={**category.params.set(), **spec_shot.set()},
+                    )
+                )
+            compiled = Category(name, _compile(category.subject, f"{where}.subject"), tuple(shots))
+            self.categories[name] = compiled
+            for key in [name, *category.match]:
+                taken = self._lookup.get(_category_key(key))
+                if taken is not None and taken.name != name:
+                    raise ConfigError(f"{where}: {key!r} already selects category {taken.name!r}")
+                self._lookup[_category_key(key)] = compiled
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> TemplatePack:
+        """A shipped pack by name (``ecommerce``, ``education``, ``medical``) or a TOML file."""
+        path = Path(name_or_path)
+        if not path.suffix and (PACKS / f"{name_or_path}.toml").exists():
+            path = PACKS / f"{name_or_path}.toml"
         try:
-            prompt = self._prompt.render(fields)  # type: ignore[attr-defined]
-            negative = self._negative.render(fields)  # type: ignore[attr-defined]
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            shipped = ", ".join(sorted(p.stem for p in PACKS.glob("*.toml")))
+            raise ConfigError(
+                f"template pack {str(name_or_path)!r} not found (shipped packs: {shipped})"
+            ) from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"template pack {path}: {exc}") from exc
+        try:
+            spec = _Pack.model_validate(data)
+            pack = cls(spec, str(path))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"template pack {path}: {problems}") from exc
+        return pack
+
+    @classmethod
+    def default(cls) -> TemplatePack:
+        return cls.load(DEFAULT_PACK)
+
+    def with_columns(self, mapping: Mapping[str, str]) -> TemplatePack:
+        """This pack with more column mappings (``sku="ItemID"``) from the command line."""
+        clone = object.__new__(TemplatePack)
+        clone.__dict__.update(self.__dict__)
+        clone.columns = {**self.columns, **mapping}
+        return clone
+
+    def category_for(self, fields: Mapping[str, str]) -> Category:
+        """The category a row belongs to; ItemError when none matches and none is default."""
+        value = fields.get(self.category_column, "")
+        found = self._lookup.get(_category_key(value)) or self.categories.get(DEFAULT_CATEGORY)
+        if found is None:
+            known = ", ".join(sorted(self.categories))
+            raise ItemError(
+                f"category {value!r} matches none of this pack's categories ({known}) "
+                "and the pack has no 'default' category"
+            )
+        return found
+
+    def render(self, fields: Mapping[str, str]) -> Iterator[Rendered]:
+        """One :class:`Rendered` per shot of the row's category; ItemError names a missing
+        field or another template error."""
+        category = self.category_for(fields)
+        context: dict[str, Any] = {**fields, "row": dict(fields), "category": category.name}
+        try:
+            context["subject"] = _clean(category.subject.render(context))
+            rendered = [
+                Rendered(
+                    shot=shot.name,
+                    prompt=_clean(shot.prompt.render(context, shot=shot.name)),
+                    negative=_clean(shot.negative.render(context, shot=shot.name)),
+                    params=shot.params,
+                )
+                for shot in category.shots
+            ]
         except TemplateError as exc:
-            raise ItemError(f"template: {exc.message}") from exc
-        return " ".join(prompt.split()), " ".join(negative.split())
+            raise ItemError(f"template of category {category.name!r}: {exc.message}") from exc
+        yield from rendered

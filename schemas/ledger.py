@@ -8,11 +8,11 @@ its claim returned, so a stale worker's late finish is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import secrets
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from itertools import islice
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -22,11 +22,6 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from schemas.errors import ConfigError, LedgerUnavailable, SchemaMissingError
 from schemas.params import GenerationParams
 from schemas.tables import SCHEMA_REVISION, Item, ItemStatus, Run
-
-T = TypeVar("T")
-
-INSERT_CHUNK = 1000
-"""Rows per INSERT statement when a catalogue goes into the ledger."""
 
 
 def utcnow() -> datetime:
@@ -94,19 +89,9 @@ def require_schema(engine: Engine) -> None:
 # --- producer side ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NewItem:
-    """An item as the producer builds it from one catalogue row and shot."""
-
-    sku: str
-    shot: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    params: GenerationParams
-
-
-def upsert_run(conn: Connection, name: str, model: str, seed: int, params: dict[str, Any]) -> int:
+def upsert_run(
+    conn: Connection, name: str, model: str, seed: int, template: str, params: dict[str, Any]
+) -> int:
     """Create the run ``name`` or return the existing one's id.
 
     A run keeps its model and seed for life: the items already rendered were made with them.
@@ -121,6 +106,7 @@ def upsert_run(conn: Connection, name: str, model: str, seed: int, params: dict[
                     name=name,
                     model=model,
                     seed=seed,
+                    template=template,
                     params=params,
                     stats={},
                     created_at=now,
@@ -134,58 +120,114 @@ def upsert_run(conn: Connection, name: str, model: str, seed: int, params: dict[
             f"run {name!r} was created with model {row.model!r} and seed {row.seed}; "
             f"it cannot continue with model {model!r} and seed {seed}: choose a new run name"
         )
-    conn.execute(sa.update(Run).where(Run.id == row.id).values(params=params, updated_at=now))
+    conn.execute(
+        sa.update(Run)
+        .where(Run.id == row.id)
+        .values(template=template, params=params, cancelled_at=None, updated_at=now)
+    )
     return int(row.id)
 
 
-def _chunks(values: Iterable[T], size: int) -> Iterator[list[T]]:
-    iterator = iter(values)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
+CONTENT = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
+"""What an item is made from; a change in any of these means rendering it again."""
 
 
-def _insert_new(conn: Connection) -> Any:
-    """``INSERT … ON CONFLICT (run_id, sku, shot) DO NOTHING`` in the connection's dialect."""
-    unique = ["run_id", "sku", "shot"]
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects import postgresql
+class ItemStaging:
+    """A temporary table the producer fills with a catalogue's items, then merges into a run.
 
-        return postgresql.insert(Item).on_conflict_do_nothing(index_elements=unique)
-    from sqlalchemy.dialects import sqlite
-
-    return sqlite.insert(Item).on_conflict_do_nothing(index_elements=unique)
-
-
-def insert_items(conn: Connection, run_id: int, items: Iterable[NewItem]) -> int:
-    """Insert items in statements of ``INSERT_CHUNK`` rows; existing (sku, shot) rows are kept.
-
-    Returns how many rows were new.
+    Rows are dicts with ``sku``, ``shot`` and the :data:`CONTENT` columns. Merging is three
+    set-based statements, so a catalogue of any size needs no memory in the producer.
     """
-    statement = _insert_new(conn).returning(Item.id)
-    inserted = 0
-    now = utcnow()
-    for chunk in _chunks(items, INSERT_CHUNK):
-        rows = [
-            {
-                "run_id": run_id,
-                "sku": item.sku,
-                "shot": item.shot,
-                "prompt": item.prompt,
-                "negative_prompt": item.negative_prompt,
-                "seed": item.seed,
-                "width": item.params.width,
-                "height": item.params.height,
-                "steps": item.params.steps,
-                "guidance_scale": item.params.guidance_scale,
-                "status": ItemStatus.PENDING,
-                "attempts": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for item in chunk
-        ]
-        inserted += len(conn.execute(statement, rows).all())
-    return inserted
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.table = sa.Table(
+            f"skufleet_staging_{secrets.token_hex(4)}",
+            sa.MetaData(),
+            sa.Column("position", sa.Integer, nullable=False),
+            sa.Column("sku", sa.String(256), nullable=False),
+            sa.Column("shot", sa.String(64), nullable=False),
+            *(sa.Column(name, Item.__table__.c[name].type, nullable=False) for name in CONTENT),
+            prefixes=["TEMPORARY"],
+        )
+        self.table.create(conn)
+        self.rows = 0
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        """Stage rows; their order is kept, so new items get ids (and render) in that order."""
+        if rows:
+            for position, row in enumerate(rows, self.rows):
+                row["position"] = position
+            self.rows += len(rows)
+            self.conn.execute(self.table.insert(), rows)
+
+    def merge(self, run_id: int) -> tuple[int, int, int]:
+        """Merge into run ``run_id`` and drop the table: ``(new, changed, in_flight)``.
+
+        New (sku, shot) pairs are inserted as pending. Items whose content differs are
+        updated and go back to pending (queued ones stay queued: their message renders the
+        new content), with the attempt cap counted afresh. Changed items a worker holds
+        right now (running) are left alone and counted as in flight.
+        """
+        items, staging, now = Item.__table__, self.table, utcnow()
+        same_item = sa.and_(
+            items.c.run_id == run_id, items.c.sku == staging.c.sku, items.c.shot == staging.c.shot
+        )
+        differs = sa.or_(*(items.c[name] != staging.c[name] for name in CONTENT))
+        stamp = sa.literal(now, sa.DateTime(timezone=True))
+        new = self.conn.execute(
+            items.insert().from_select(
+                [
+                    "run_id",
+                    "sku",
+                    "shot",
+                    *CONTENT,
+                    "status",
+                    "attempts",
+                    "attempts_before_retry",
+                    "created_at",
+                    "updated_at",
+                ],
+                sa.select(
+                    sa.literal(run_id),
+                    staging.c.sku,
+                    staging.c.shot,
+                    *(staging.c[name] for name in CONTENT),
+                    sa.literal(ItemStatus.PENDING.value),
+                    sa.literal(0),
+                    sa.literal(0),
+                    stamp,
+                    stamp,
+                )
+                .where(~sa.select(1).where(same_item).exists())
+                .order_by(staging.c.position),
+            ),
+            execution_options={"preserve_rowcount": True},
+        ).rowcount
+        changed = self.conn.execute(
+            items.update()
+            .where(same_item, differs, items.c.status != ItemStatus.RUNNING.value)
+            .values(
+                **{name: staging.c[name] for name in CONTENT},
+                status=sa.case(
+                    (items.c.status == ItemStatus.QUEUED.value, ItemStatus.QUEUED.value),
+                    else_=ItemStatus.PENDING.value,
+                ),
+                attempts_before_retry=items.c.attempts,
+                last_error=None,
+                byte_size=None,
+                sha256=None,
+                finished_at=None,
+                updated_at=now,
+            )
+        ).rowcount
+        in_flight = self.conn.execute(
+            sa.select(sa.func.count())
+            .select_from(items.join(staging, same_item))
+            .where(items.c.status == ItemStatus.RUNNING.value, differs)
+        ).scalar_one()
+        self.table.drop(self.conn)
+        return int(new), int(changed), int(in_flight)
 
 
 def pending_batches(conn: Connection, run_id: int, batch_size: int) -> list[list[int]]:
@@ -246,6 +288,11 @@ class Claim:
     seed: int
     params: GenerationParams
     attempt: int
+    attempts_before_retry: int = 0
+    """Attempts made before the item was last retried or changed; the cap counts after it."""
+
+    def may_retry(self, max_attempts: int) -> bool:
+        return self.attempt - self.attempts_before_retry < max_attempts
 
 
 def _translate(exc: DBAPIError, engine: Engine) -> LedgerUnavailable:
@@ -290,6 +337,7 @@ def claim(
             Item.steps,
             Item.guidance_scale,
             Item.attempts,
+            Item.attempts_before_retry,
         )
     )
     try:
@@ -309,6 +357,7 @@ def claim(
                 width=r.width, height=r.height, steps=r.steps, guidance_scale=r.guidance_scale
             ),
             attempt=int(r.attempts),
+            attempts_before_retry=int(r.attempts_before_retry),
         )
         for r in rows
     ]
@@ -362,7 +411,7 @@ def fail(
 
     Returns the new status, or None when the item is no longer ours (fenced out).
     """
-    status = ItemStatus.QUEUED if retry and item.attempt < max_attempts else ItemStatus.FAILED
+    status = ItemStatus.QUEUED if retry and item.may_retry(max_attempts) else ItemStatus.FAILED
     now = utcnow()
     values: dict[str, Any] = {
         "status": status,
@@ -374,7 +423,62 @@ def fail(
     return status if _fenced_update(engine, item, values) else None
 
 
+# --- operations ---------------------------------------------------------------------------
+
+
+def run_id(conn: Connection, name: str) -> int:
+    found = conn.execute(sa.select(Run.id).where(Run.name == name)).scalar()
+    if found is None:
+        raise ConfigError(f"no run named {name!r} in the ledger")
+    return int(found)
+
+
+def run_settings(conn: Connection, run: int) -> tuple[str, int]:
+    """The run's model and the batch size of its latest enqueue."""
+    model, params = conn.execute(sa.select(Run.model, Run.params).where(Run.id == run)).one()
+    return str(model), int(params.get("batch_size", 8))
+
+
+def cancel_run(conn: Connection, run: int) -> int:
+    """pending | queued → cancelled for the whole run; returns how many items it stopped.
+
+    Workers skip cancelled items when their message arrives; running items finish.
+    """
+    now = utcnow()
+    cancelled = conn.execute(
+        sa.update(Item)
+        .where(Item.run_id == run, Item.status.in_([ItemStatus.PENDING, ItemStatus.QUEUED]))
+        .values(status=ItemStatus.CANCELLED, queued_at=None, updated_at=now)
+    ).rowcount
+    conn.execute(sa.update(Run).where(Run.id == run).values(cancelled_at=now, updated_at=now))
+    return int(cancelled)
+
+
+def retry_run(conn: Connection, run: int, *, failed_only: bool) -> int:
+    """failed (and cancelled, unless ``failed_only``) → pending, with a fresh attempt budget.
+
+    ``attempts`` keeps growing (it is the fencing token); the cap counts from here.
+    """
+    statuses = [ItemStatus.FAILED] if failed_only else [ItemStatus.FAILED, ItemStatus.CANCELLED]
+    now = utcnow()
+    retried = conn.execute(
+        sa.update(Item)
+        .where(Item.run_id == run, Item.status.in_(statuses))
+        .values(
+            status=ItemStatus.PENDING,
+            attempts_before_retry=Item.attempts,
+            finished_at=None,
+            updated_at=now,
+        )
+    ).rowcount
+    conn.execute(sa.update(Run).where(Run.id == run).values(cancelled_at=None, updated_at=now))
+    return int(retried)
+
+
 # --- reading ------------------------------------------------------------------------------
+
+
+TERMINAL = (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -383,23 +487,158 @@ class RunStatus:
     counts: dict[str, int]
     attempts: int
 
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts[status.value] for status in TERMINAL)
+
     def as_dict(self) -> dict[str, Any]:
         return {"run": self.run, "counts": self.counts, "attempts": self.attempts}
 
 
+def _counts(conn: Connection, run_ids: list[int]) -> dict[int, tuple[dict[str, int], int]]:
+    found: dict[int, tuple[dict[str, int], int]] = {
+        run: ({status.value: 0 for status in ItemStatus}, 0) for run in run_ids
+    }
+    rows = conn.execute(
+        sa.select(
+            Item.run_id,
+            Item.status,
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(Item.attempts), 0),
+        )
+        .where(Item.run_id.in_(run_ids))
+        .group_by(Item.run_id, Item.status)
+    ).all()
+    for run, status, count, started in rows:
+        counts, attempts = found[run]
+        counts[ItemStatus(status).value] = int(count)
+        found[run] = (counts, attempts + int(started))
+    return found
+
+
 def run_status(conn: Connection, name: str) -> RunStatus:
     """Items of run ``name`` counted by status, and the renders they started in all."""
-    run_id = conn.execute(sa.select(Run.id).where(Run.name == name)).scalar()
-    if run_id is None:
-        raise ConfigError(f"no run named {name!r} in the ledger")
-    counts = {status.value: 0 for status in ItemStatus}
-    rows = conn.execute(
-        sa.select(Item.status, sa.func.count(), sa.func.coalesce(sa.func.sum(Item.attempts), 0))
-        .where(Item.run_id == run_id)
-        .group_by(Item.status)
-    ).all()
-    attempts = 0
-    for status, count, started in rows:
-        counts[ItemStatus(status).value] = int(count)
-        attempts += int(started)
+    counts, attempts = _counts(conn, [run_id(conn, name)]).popitem()[1]
     return RunStatus(run=name, counts=counts, attempts=attempts)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    name: str
+    model: str
+    template: str
+    created_at: datetime
+    cancelled: bool
+    status: RunStatus
+
+
+def list_runs(conn: Connection) -> list[RunSummary]:
+    """Every run, newest first, with its items counted by status."""
+    runs = conn.execute(
+        sa.select(
+            Run.id, Run.name, Run.model, Run.template, Run.created_at, Run.cancelled_at
+        ).order_by(Run.created_at.desc(), Run.id.desc())
+    ).all()
+    counts = _counts(conn, [run.id for run in runs])
+    return [
+        RunSummary(
+            run.name,
+            run.model,
+            run.template,
+            run.created_at,
+            run.cancelled_at is not None,
+            RunStatus(run.name, *counts[run.id]),
+        )
+        for run in runs
+    ]
+
+
+def finished_since(conn: Connection, name: str, since: datetime) -> int:
+    """Items of the run that reached succeeded or failed after ``since`` (for items/s)."""
+    return int(
+        conn.execute(
+            sa.select(sa.func.count()).where(
+                Item.run_id == run_id(conn, name),
+                Item.status.in_([ItemStatus.SUCCEEDED, ItemStatus.FAILED]),
+                Item.finished_at >= since,
+            )
+        ).scalar_one()
+    )
+
+
+def failure_reasons(conn: Connection, name: str, limit: int = 10) -> list[tuple[str, int]]:
+    """The run's failed items grouped by the first line of their last error, commonest first."""
+    reasons: dict[str, int] = {}
+    errors = conn.execute(
+        sa.select(Item.last_error).where(
+            Item.run_id == run_id(conn, name), Item.status == ItemStatus.FAILED
+        )
+    ).scalars()
+    for error in errors:
+        reason = (error or "no error recorded").splitlines()[0][:160]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return sorted(reasons.items(), key=lambda pair: (-pair[1], pair[0]))[:limit]
+
+
+MANIFEST_FIELDS = (
+    "run",
+    "sku",
+    "shot",
+    "key",
+    "seed",
+    "sha256",
+    "bytes",
+    "prompt",
+    "negative_prompt",
+    "model",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+)
+
+
+def manifest(conn: Connection, name: str) -> Iterator[dict[str, Any]]:
+    """One record per succeeded item of the run, in item order, streamed from the database."""
+    run = conn.execute(sa.select(Run.id, Run.model).where(Run.name == name)).first()
+    if run is None:
+        raise ConfigError(f"no run named {name!r} in the ledger")
+    rows = conn.execution_options(yield_per=1000).execute(
+        sa.select(
+            Item.sku,
+            Item.shot,
+            Item.object_key,
+            Item.seed,
+            Item.sha256,
+            Item.byte_size,
+            Item.prompt,
+            Item.negative_prompt,
+            Item.width,
+            Item.height,
+            Item.steps,
+            Item.guidance_scale,
+        )
+        .where(Item.run_id == run.id, Item.status == ItemStatus.SUCCEEDED)
+        .order_by(Item.id)
+    )
+    for row in rows:
+        yield {
+            "run": name,
+            "sku": row.sku,
+            "shot": row.shot,
+            "key": row.object_key,
+            "seed": row.seed,
+            "sha256": row.sha256,
+            "bytes": row.byte_size,
+            "prompt": row.prompt,
+            "negative_prompt": row.negative_prompt,
+            "model": run.model,
+            "width": row.width,
+            "height": row.height,
+            "steps": row.steps,
+            "guidance_scale": row.guidance_scale,
+        }

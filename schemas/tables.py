@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 """The Alembic revision this code expects; ``skufleet db upgrade`` brings a database to it."""
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
@@ -36,7 +36,9 @@ class ItemStatus(enum.StrEnum):
     """Where an item stands. Only ``schemas.ledger`` moves an item between these.
 
     ``pending → queued → running → succeeded | failed``; ``running → queued`` on a retryable
-    error or an expired lease; ``failed → queued`` only by an explicit retry.
+    error or an expired lease; ``failed | cancelled → pending`` only by an explicit retry;
+    ``pending | queued → cancelled`` by cancelling the run; ``succeeded | failed | cancelled →
+    pending`` when an enqueue brings a changed prompt or parameters for the item.
     """
 
     PENDING = "pending"
@@ -44,6 +46,7 @@ class ItemStatus(enum.StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class Base(DeclarativeBase):
@@ -59,10 +62,13 @@ class Run(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     model: Mapped[str] = mapped_column(String(512))
     seed: Mapped[int] = mapped_column(BigInteger)
+    template: Mapped[str] = mapped_column(String(256), default="ecommerce")
+    """Template pack of the latest enqueue."""
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    """Generation parameters and batch size of the latest enqueue."""
+    """Parameter overrides and batch size of the latest enqueue."""
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     """The latest enqueue's summary: records read, accepted, rejected, duplicates, enqueued."""
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -97,7 +103,9 @@ class Item(Base):
         default=ItemStatus.PENDING,
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    """Renders started; also the fencing token of the current claim."""
+    """Renders started, ever; also the fencing token of the current claim (never decreases)."""
+    attempts_before_retry: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """``attempts`` when the item was last retried or changed; the cap counts from here."""
     last_error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(255))
     device: Mapped[str | None] = mapped_column(String(64))

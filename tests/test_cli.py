@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.conftest import EXAMPLES, Fleet
@@ -49,11 +50,13 @@ def test_enqueue_refuses_bad_arguments_by_name(fleet: Fleet, tmp_path: Path) -> 
     assert "no column 'sku', 'title'; columns found: 'id', 'name'" in result.stderr
 
 
-def test_rejected_records_are_written_as_json_lines(fleet: Fleet, tmp_path: Path) -> None:
-    """--rejects lists each bad record with its number, line, reason and detail."""
+def test_rejects_and_long_prompts_are_written_as_json_lines(fleet: Fleet, tmp_path: Path) -> None:
+    """--rejects lists each bad record (number, line, reason, detail) and each prompt that
+    SD 1.5 would cut at 77 tokens; the long-prompt item is still enqueued."""
     assert fleet.cli("db", "upgrade").returncode == 0
     catalogue = tmp_path / "c.csv"
-    catalogue.write_text("sku,title\nA,one\nA,dup\n,none\nB,two,extra\n")
+    long_title = " ".join(f"word{i}" for i in range(60))
+    catalogue.write_text(f"sku,title\nA,one\nA,dup\n,none\nB,two,extra\nC,{long_title}\n")
     rejects = tmp_path / "rejects.jsonl"
     summary = fleet.cli_json(
         "enqueue",
@@ -66,17 +69,52 @@ def test_rejected_records_are_written_as_json_lines(fleet: Fleet, tmp_path: Path
         str(rejects),
         "--json",
     )
-    assert {k: summary[k] for k in ("read", "accepted", "rejected", "duplicates", "enqueued")} == {
-        "read": 4,
-        "accepted": 1,
+    assert {
+        k: summary[k]
+        for k in ("read", "accepted", "rejected", "duplicates", "items", "long_prompts", "enqueued")
+    } == {
+        "read": 5,
+        "accepted": 2,
         "rejected": 2,
         "duplicates": 1,
-        "enqueued": 1,
+        "items": 4,
+        "long_prompts": 2,
+        "enqueued": 4,  # two shots per accepted row
     }
-    lines = rejects.read_text().splitlines()
-    assert [line.split('"reason": ')[1].split('"')[1] for line in lines] == [
-        "duplicate",
-        "invalid_sku",
-        "ragged",
+    entries = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(e["record"], e["line"], e["reason"]) for e in entries] == [
+        (2, 3, "duplicate"),
+        (3, 4, "invalid_sku"),
+        (4, 5, "ragged"),
+        (5, 6, "prompt_too_long"),
+        (5, 6, "prompt_too_long"),
     ]
-    assert '"record": 2, "line": 3' in lines[0]
+    assert entries[3]["accepted"] is True
+    assert "shot 'front'" in entries[3]["detail"] and "SD 1.5 reads 77" in entries[3]["detail"]
+    assert "word59" in entries[3]["detail"]  # the part that would be cut is shown
+
+
+def test_column_mapping_from_the_command_line(fleet: Fleet, tmp_path: Path) -> None:
+    """--column sku=ItemID maps a catalogue's own headers; a wrong mapping names the column."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    catalogue = tmp_path / "c.csv"
+    catalogue.write_text("ItemID,Product Name\nX-1,Blue mug\n")
+    summary = fleet.cli_json(
+        "enqueue",
+        str(catalogue),
+        "--run",
+        "mapped",
+        "--model",
+        "tiny",
+        "--column",
+        "sku=ItemID",
+        "--column",
+        "title=Product Name",
+        "--json",
+    )
+    assert (summary["accepted"], summary["items"]) == (1, 2)
+    result = fleet.cli(
+        "enqueue", str(catalogue), "--run", "mapped", "--model", "tiny", "--column", "sku=Item_Id"
+    )
+    assert result.returncode == 2
+    assert "column mapping sku='Item_Id'" in result.stderr and "'ItemID'" in result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 
@@ -11,15 +13,32 @@ from schemas.params import GenerationParams
 from schemas.tables import Item, ItemStatus
 
 
+def item(sku: str, prompt: str = "p", params: GenerationParams | None = None) -> dict[str, Any]:
+    """A staged item row, as the producer builds it."""
+    return {
+        "sku": sku,
+        "shot": "main",
+        "prompt": prompt,
+        "negative_prompt": "",
+        "seed": 1,
+        **(params or GenerationParams()).model_dump(),
+    }
+
+
+def merge(engine: sa.Engine, rows: list[dict[str, Any]], name: str = "r1") -> tuple[int, ...]:
+    """Stage ``rows`` and merge them into run ``name``: (run id, new, changed, in flight)."""
+    with engine.begin() as conn:
+        run_id = ledger.upsert_run(conn, name, "tiny", 1, "ecommerce", {})
+        staging = ledger.ItemStaging(conn)
+        staging.add(rows)
+        return (run_id, *staging.merge(run_id))
+
+
 def add_run(engine: sa.Engine, n: int = 4, name: str = "r1") -> list[int]:
     """A run with ``n`` items, all marked queued; returns their ids."""
+    run_id, new, _, _ = merge(engine, [item(f"SKU-{i}", f"prompt {i}") for i in range(n)], name)
+    assert new == n
     with engine.begin() as conn:
-        run_id = ledger.upsert_run(conn, name, "tiny", 1, {})
-        items = [
-            ledger.NewItem(f"SKU-{i}", "main", f"prompt {i}", "", i, GenerationParams())
-            for i in range(n)
-        ]
-        assert ledger.insert_items(conn, run_id, items) == n
         ids = [i for batch in ledger.pending_batches(conn, run_id, 100) for i in batch]
         assert sorted(ledger.mark_queued(conn, ids)) == sorted(ids)
     return ids
@@ -77,32 +96,42 @@ def test_a_permanent_error_fails_the_item_at_once(engine: sa.Engine) -> None:
     assert ledger.fail(engine, claimed, "bad", retry=False, max_attempts=3) is ItemStatus.FAILED
 
 
-def test_reinserting_a_catalogue_keeps_existing_rows(engine: sa.Engine) -> None:
-    """Items already in the run keep their status; only new (sku, shot) rows are inserted."""
-    ids = add_run(engine, 3)
-    claimed = ledger.claim(engine, ids[:1], "w", "cpu", 60)[0]
-    ledger.finish(engine, claimed, "k", 1, "0" * 64, 0.1)
-    with engine.begin() as conn:
-        run_id = ledger.upsert_run(conn, "r1", "tiny", 1, {})
-        items = [
-            ledger.NewItem(f"SKU-{i}", "main", "p", "", i, GenerationParams()) for i in range(5)
-        ]
-        assert ledger.insert_items(conn, run_id, items) == 2
-        assert len([i for b in ledger.pending_batches(conn, run_id, 100) for i in b]) == 2
-        status = ledger.run_status(conn, "r1")
-    assert status.counts == {"pending": 2, "queued": 2, "running": 0, "succeeded": 1, "failed": 0}
-    assert status.attempts == 1
+def test_merging_a_catalogue_again_inserts_new_and_resets_changed_items(
+    engine: sa.Engine,
+) -> None:
+    """New (sku, shot) rows are inserted, changed ones go back to pending, the rest stay."""
+    ids = add_run(engine, 4)  # SKU-0..3, prompts "prompt i", all queued
+    done = ledger.claim(engine, ids[:2], "w", "cpu", 60)
+    for claimed in done:
+        ledger.finish(engine, claimed, "k", 1, "0" * 64, 0.1)
+    running = ledger.claim(engine, ids[2:3], "w", "cpu", 60)[0]
+    rows = [item(f"SKU-{i}", f"prompt {i}") for i in range(6)]
+    rows[1]["prompt"] = "a new prompt"  # succeeded, changed → pending
+    rows[2]["steps"] = 5  # running, changed → left alone (in flight)
+    rows[3]["seed"] = 9  # queued, changed → stays queued with the new seed
+    _, new, changed, in_flight = merge(engine, rows)
+    assert (new, changed, in_flight) == (2, 2, 1)
+    with engine.connect() as conn:
+        found = {r.sku: r for r in conn.execute(sa.select(Item))}
+    assert [found[f"SKU-{i}"].status for i in range(6)] == [
+        "succeeded",
+        "pending",
+        "running",
+        "queued",
+        "pending",
+        "pending",
+    ]
+    assert found["SKU-1"].prompt == "a new prompt" and found["SKU-1"].sha256 is None
+    assert found["SKU-1"].attempts_before_retry == 1  # the cap counts afresh
+    assert (found["SKU-2"].steps, found["SKU-3"].seed) == (30, 9)
+    assert ledger.finish(engine, running, "k", 1, "0" * 64, 0.1)  # its claim still holds
 
 
 def test_batches_group_items_with_the_same_parameters(engine: sa.Engine) -> None:
     """A message never mixes image sizes or step counts, and respects the batch size."""
+    small, large = GenerationParams(width=64, height=64), GenerationParams()
+    run_id, *_ = merge(engine, [item(f"S{i}", params=small if i % 2 else large) for i in range(7)])
     with engine.begin() as conn:
-        run_id = ledger.upsert_run(conn, "mixed", "tiny", 1, {})
-        small, large = GenerationParams(width=64, height=64), GenerationParams()
-        items = [
-            ledger.NewItem(f"S{i}", "main", "p", "", i, small if i % 2 else large) for i in range(7)
-        ]
-        ledger.insert_items(conn, run_id, items)
         batches = ledger.pending_batches(conn, run_id, 2)
         sizes = {row.id: row.width for row in conn.execute(sa.select(Item.id, Item.width))}
     assert sorted(len(b) for b in batches) == [1, 2, 2, 2]  # 3 small, 4 large
@@ -113,7 +142,7 @@ def test_a_run_keeps_its_model_and_seed(engine: sa.Engine) -> None:
     """Continuing a run with another model or seed is refused, naming both."""
     add_run(engine, 1)
     with engine.begin() as conn, pytest.raises(ConfigError, match="created with model 'tiny'"):
-        ledger.upsert_run(conn, "r1", "other", 1, {})
+        ledger.upsert_run(conn, "r1", "other", 1, "ecommerce", {})
 
 
 def test_missing_tables_are_reported_plainly(database_url: str) -> None:

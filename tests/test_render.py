@@ -29,18 +29,23 @@ def settings(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 def queued_run(engine: sa.Engine, n: int) -> tuple[int, list[int]]:
+    params = GenerationParams(width=32, height=16).model_dump()
+    rows = [
+        {
+            "sku": f"SKU/{i}",
+            "shot": "main",
+            "prompt": f"p{i}",
+            "negative_prompt": "n",
+            "seed": 100 + i,
+            **params,
+        }
+        for i in range(n)
+    ]
     with engine.begin() as conn:
-        run_id = ledger.upsert_run(conn, "render", "tiny", 0, {})
-        ledger.insert_items(
-            conn,
-            run_id,
-            [
-                ledger.NewItem(
-                    f"SKU/{i}", "main", f"p{i}", "n", 100 + i, GenerationParams(width=32, height=16)
-                )
-                for i in range(n)
-            ],
-        )
+        run_id = ledger.upsert_run(conn, "render", "tiny", 0, "ecommerce", {})
+        staging = ledger.ItemStaging(conn)
+        staging.add(rows)
+        staging.merge(run_id)
         ids = [i for b in ledger.pending_batches(conn, run_id, 100) for i in b]
         ledger.mark_queued(conn, ids)
     return run_id, ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import pytest
 import sqlalchemy as sa
@@ -22,7 +23,8 @@ WORKER = ("--model", "tiny", "--devices", "cpu", "--burst")
 
 
 def test_catalogue_is_rendered_once_and_matches_the_ledger(fleet: Fleet) -> None:
-    """20 rows end as 20 succeeded items whose objects match the ledger; a re-run renders none."""
+    """20 rows × 2 shots end as 40 succeeded items whose objects match the ledger; a re-run
+    renders none."""
     assert fleet.cli("db", "upgrade").returncode == 0
 
     # 1. enqueue the example catalogue
@@ -46,9 +48,9 @@ def test_catalogue_is_rendered_once_and_matches_the_ledger(fleet: Fleet) -> None
         "accepted": 20,
         "rejected": 0,
         "duplicates": 0,
-        "enqueued": 20,
+        "enqueued": 40,  # the e-commerce pack's shots: front and lifestyle
     }
-    assert summary["messages"] == 4  # 6 + 6 + 6 + 2
+    assert summary["messages"] == 7  # 6 × 6 + 4
 
     # 2. a real worker process drains the queue and exits 0
     result = fleet.worker(*WORKER)
@@ -58,8 +60,15 @@ def test_catalogue_is_rendered_once_and_matches_the_ledger(fleet: Fleet) -> None
     status = fleet.cli_json("status", "smoke", "--json")
     assert status == {
         "run": "smoke",
-        "counts": {"pending": 0, "queued": 0, "running": 0, "succeeded": 20, "failed": 0},
-        "attempts": 20,
+        "counts": {
+            "pending": 0,
+            "queued": 0,
+            "running": 0,
+            "succeeded": 40,
+            "failed": 0,
+            "cancelled": 0,
+        },
+        "attempts": 40,
     }
 
     # 4. exactly one object per item, matching the recorded size and sha256
@@ -83,11 +92,48 @@ def test_catalogue_is_rendered_once_and_matches_the_ledger(fleet: Fleet) -> None
 
     # 5. enqueuing the same run again publishes and renders nothing
     again = fleet.cli_json(
-        "enqueue", CATALOGUE, "--run", "smoke", "--model", "tiny", "--seed", "7", "--json"
+        "enqueue",
+        CATALOGUE,
+        "--run",
+        "smoke",
+        "--model",
+        "tiny",
+        "--seed",
+        "7",
+        "--size",
+        "64x48",
+        "--json",
     )
-    assert (again["new"], again["enqueued"], again["messages"]) == (0, 0, 0)
+    assert (again["new"], again["changed"], again["unchanged"]) == (0, 0, 40)
+    assert (again["enqueued"], again["messages"]) == (0, 0)
     assert fleet.worker(*WORKER).returncode == 0
-    assert fleet.cli_json("status", "smoke", "--json")["attempts"] == 20
+    assert fleet.cli_json("status", "smoke", "--json")["attempts"] == 40
     assert {k: v["ETag"] for k, v in fleet.objects("smoke/").items()} == {
         k: v["ETag"] for k, v in objects.items()
     }
+
+    # 6. the manifest lists every succeeded item with what downstream systems need
+    manifest = fleet.tmp_path / "manifest.jsonl"
+    assert fleet.cli("manifest", "smoke", "--out", str(manifest)).returncode == 0
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    by_key = {item.object_key: item for item in items}
+    assert sorted(r["key"] for r in records) == sorted(by_key)
+    for record in records:
+        item = by_key[record["key"]]
+        assert (record["run"], record["model"], record["sku"], record["shot"]) == (
+            "smoke",
+            "tiny",
+            item.sku,
+            item.shot,
+        )
+        assert (record["seed"], record["sha256"], record["bytes"]) == (
+            item.seed,
+            item.sha256,
+            item.byte_size,
+        )
+        assert (record["prompt"], record["negative_prompt"]) == (
+            item.prompt,
+            item.negative_prompt,
+        )
+    listing = fleet.cli("runs").stdout
+    assert "smoke" in listing and "40/40" in listing and "done" in listing

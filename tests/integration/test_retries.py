@@ -15,6 +15,12 @@ from tests.fixtures.pipelines import POISON
 pytestmark = pytest.mark.integration
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
+ONE_SHOT_PACK = """
+name = "one-shot"
+[categories.default]
+[categories.default.shots.main]
+prompt = "{{ title }}"
+"""
 
 
 def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
@@ -25,6 +31,8 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
     rows = [f"SKU-{i},Item {i}" for i in range(6)]
     rows[2] = f"SKU-2,{POISON} item"
     catalogue.write_text("sku,title\n" + "\n".join(rows) + "\n")
+    pack = fleet.tmp_path / "one-shot.toml"
+    pack.write_text(ONE_SHOT_PACK)
     fleet.env.update({"SKUFLEET_MAX_ATTEMPTS": "3", "PYTHONPATH": ROOT})
     assert fleet.cli("db", "upgrade").returncode == 0
     fleet.cli_json(
@@ -34,6 +42,8 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
         "poison",
         "--model",
         "tiny",
+        "--template",
+        str(pack),
         "--batch-size",
         "3",
         "--json",
@@ -67,3 +77,28 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
     # the poison's batch mates failed once with it, then succeeded alone
     assert sorted(item.attempts for item in items.values()) == [1, 1, 1, 2, 2]
     assert sorted(fleet.objects("poison/")) == sorted(i.object_key for i in items.values())
+
+    # an explicit retry of the failed item gives it a fresh budget of attempts
+    retried = fleet.cli_json("retry", "poison", "--failed", "--json")
+    assert (retried["retried"], retried["enqueued"]) == (1, 1)
+    result = fleet.run(
+        sys.executable,
+        "-m",
+        "tests.fixtures.serve",
+        "--fixture",
+        "poison",
+        "--",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--name",
+        "cpu",
+        "--burst",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with Session(fleet.engine()) as session:
+        again = session.scalars(sa.select(Item).where(Item.sku == "SKU-2")).one()
+    assert (again.status, again.attempts) == (ItemStatus.FAILED, 6)
+    reasons = fleet.cli("status", "poison")
+    assert "failures by reason" in reasons.stdout and "poisoned prompt" in reasons.stdout
