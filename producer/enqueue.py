@@ -33,8 +33,8 @@ from schemas.vocab import MAX_TOKENS
 
 STAGE_CHUNK = 1000
 """Catalogue records rendered, token-checked and staged per statement."""
-PUBLISH_CHUNK = 2000
-"""Items marked queued per ledger transaction before their messages are published."""
+PUBLISH_CHUNK = 4000
+"""Items queued per ledger transaction, then published, before the next chunk."""
 
 Progress = Callable[[str, int], None]
 
@@ -102,15 +102,16 @@ def aspect_size(aspect: str, width: int, height: int) -> tuple[int, int]:
 
 
 class _Parameters:
-    """GenerationParams per distinct set of shot overrides, validated once each."""
+    """Generation parameters (as item columns) per distinct set of shot overrides, validated
+    once each."""
 
     def __init__(self, request: EnqueueRequest) -> None:
         self.base = {**default_params(request.model).model_dump(), **request.pack.params}
         self.overrides = request.overrides
         self.pack = request.pack.source
-        self.cache: dict[tuple[tuple[str, Any], ...], GenerationParams] = {}
+        self.cache: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
 
-    def __call__(self, rendered: Rendered) -> GenerationParams:
+    def __call__(self, rendered: Rendered) -> dict[str, Any]:
         key = tuple(sorted(rendered.params.items()))
         params = self.cache.get(key)
         if params is None:
@@ -121,7 +122,7 @@ class _Parameters:
                     aspect, self.base["width"], self.base["height"]
                 )
             try:
-                params = self.cache[key] = GenerationParams(**merged)
+                params = self.cache[key] = GenerationParams(**merged).model_dump()
             except ValueError as exc:
                 raise ConfigError(
                     f"{self.pack}: shot {rendered.shot!r} gives invalid parameters: {exc}"
@@ -155,7 +156,7 @@ class _Stager:
         if self.report is not None:
             self.report.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    def _render(self, record: Record) -> list[tuple[Rendered, GenerationParams]] | Reject:
+    def _render(self, record: Record) -> list[tuple[Rendered, dict[str, Any]]] | Reject:
         pack = self.request.pack
         try:
             pack.category_for(record.fields)
@@ -186,7 +187,7 @@ class _Stager:
                         "prompt": shot.prompt,
                         "negative_prompt": shot.negative,
                         "seed": derive_seed(self.request.seed, outcome.sku, shot.shot),
-                        **params.model_dump(),
+                        **params,
                     }
                 )
                 origins.append(outcome)
@@ -236,30 +237,24 @@ def publish_pending(
     batch_size: int,
     progress: Progress | None = None,
 ) -> tuple[int, int]:
-    """Mark the run's pending items queued and publish them; ``(items, messages)``.
+    """Mark the run's pending items queued and publish them, a committed chunk at a time;
+    ``(items, messages)``.
 
-    Each chunk is committed before its messages go out. If publishing fails, the chunk's
-    items go back to pending, so nothing is left queued without a message.
+    If publishing a chunk fails, its items go back to pending (later chunks were never
+    touched), so nothing is left queued without a message.
     """
-    with engine.connect() as conn:
-        batches = ledger.pending_batches(conn, run_id, batch_size)
     items = messages = 0
-    for chunk in _chunked_batches(batches, PUBLISH_CHUNK):
-        with engine.begin() as conn:
-            queued = set(ledger.mark_queued(conn, [i for batch in chunk for i in batch]))
-        payloads = [
-            RenderPayload(run_id=run_id, model=model, item_ids=ids)
-            for batch in chunk
-            if (ids := [i for i in batch if i in queued])
-        ]
+    for batches in ledger.queue_pending(engine, run_id, batch_size, PUBLISH_CHUNK):
         try:
-            publisher.publish(queue, payloads)
+            publisher.publish(
+                queue, [RenderPayload(run_id=run_id, model=model, item_ids=ids) for ids in batches]
+            )
         except BaseException:
             with engine.begin() as conn:
-                ledger.unmark_queued(conn, sorted(queued))
+                ledger.unmark_queued(conn, [i for batch in batches for i in batch])
             raise
-        items += len(queued)
-        messages += len(payloads)
+        items += sum(len(batch) for batch in batches)
+        messages += len(batches)
         if progress is not None:
             progress("queued", items)
     return items, messages
@@ -337,16 +332,3 @@ def retry(
         engine, publisher, run, model, render_queue(queue_prefix, model), batch_size
     )
     return {"run": name, "retried": retried, "enqueued": enqueued, "messages": messages}
-
-
-def _chunked_batches(batches: list[list[int]], items_per_chunk: int) -> Iterator[list[list[int]]]:
-    chunk: list[list[int]] = []
-    size = 0
-    for batch in batches:
-        chunk.append(batch)
-        size += len(batch)
-        if size >= items_per_chunk:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk

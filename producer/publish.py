@@ -12,6 +12,9 @@ from schemas.names import TASK_RENDER
 from schemas.params import RenderPayload
 from schemas.settings import Settings
 
+PIPELINE = 500
+"""Messages per Redis round trip when publishing."""
+
 
 class Publisher:
     """Sends ``skufleet.render`` messages to a model's queue over one broker connection."""
@@ -26,12 +29,19 @@ class Publisher:
         )
 
     def publish(self, queue: str, payloads: Sequence[RenderPayload]) -> None:
-        """Publish one message per payload on a single pooled connection."""
+        """Publish one message per payload on one connection, pipelined: kombu's
+        ``Producer.batch`` buffers Redis LPUSHes and sends them ``PIPELINE`` at a time."""
         try:
-            with self.app.producer_or_acquire() as producer:
+            with self.app.producer_or_acquire() as producer, producer.batch(PIPELINE):
                 for payload in payloads:
                     self.app.send_task(
-                        TASK_RENDER, args=[payload.model_dump()], queue=queue, producer=producer
+                        TASK_RENDER,
+                        args=[payload.model_dump()],
+                        queue=queue,
+                        producer=producer,
+                        # what Flower shows for the task; also spares Celery a saferepr
+                        argsrepr=f"run {payload.run_id}: {len(payload.item_ids)} items",
+                        kwargsrepr="{}",
                     )
         except OperationalError as exc:
             raise BrokerUnavailable(f"cannot publish to the broker: {exc}") from exc

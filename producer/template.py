@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError
+from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -105,8 +105,8 @@ class Shot:
     """One named variant of an item, compiled."""
 
     name: str
-    prompt: Template
-    negative: Template
+    prompt: _Text
+    negative: _Text
     params: dict[str, Any]
     """Parameters this shot sets, on top of the pack's and its category's."""
 
@@ -114,7 +114,7 @@ class Shot:
 @dataclass(frozen=True)
 class Category:
     name: str
-    subject: Template
+    subject: _Text
     shots: tuple[Shot, ...]
 
 
@@ -128,15 +128,28 @@ class Rendered:
     params: dict[str, Any]
 
 
-def _compile(source: str, where: str) -> Template:
-    try:
-        return _ENVIRONMENT.from_string(source)
-    except TemplateError as exc:
-        raise ConfigError(f"{where}: invalid template: {exc}") from exc
-
-
 def _clean(text: str) -> str:
     return " ".join(text.split())
+
+
+class _Text:
+    """A compiled template; one that names no variable is rendered once, when loaded."""
+
+    def __init__(self, source: str, where: str) -> None:
+        try:
+            self.template: Template = _ENVIRONMENT.from_string(source)
+            names = meta.find_undeclared_variables(_ENVIRONMENT.parse(source))
+            self.constant = None if names else _clean(self.template.render())
+        except TemplateError as exc:
+            raise ConfigError(f"{where}: invalid template: {exc}") from exc
+
+    def render(self, context: dict[str, Any]) -> str:
+        """Render with ``context``, which already holds the environment's globals: a shared
+        context skips copying them for every one of a catalogue's many renders."""
+        if self.constant is not None:
+            return self.constant
+        shared = self.template.new_context(context, shared=True)
+        return _clean("".join(self.template.root_render_func(shared)))
 
 
 def _category_key(value: str) -> str:
@@ -169,15 +182,15 @@ class TemplatePack:
                 shots.append(
                     Shot(
                         name=shot_name,
-                        prompt=_compile(spec_shot.prompt, f"{where}.shots.{shot_name}.prompt"),
-                        negative=_compile(
+                        prompt=_Text(spec_shot.prompt, f"{where}.shots.{shot_name}.prompt"),
+                        negative=_Text(
                             category.negative if spec_shot.negative is None else spec_shot.negative,
                             f"{where}.shots.{shot_name}.negative",
                         ),
                         params={**category.params.set(), **spec_shot.set()},
                     )
                 )
-            compiled = Category(name, _compile(category.subject, f"{where}.subject"), tuple(shots))
+            compiled = Category(name, _Text(category.subject, f"{where}.subject"), tuple(shots))
             self.categories[name] = compiled
             for key in [name, *category.match]:
                 taken = self._lookup.get(_category_key(key))
@@ -237,18 +250,25 @@ class TemplatePack:
         """One :class:`Rendered` per shot of the row's category; ItemError names a missing
         field or another template error."""
         category = self.category_for(fields)
-        context: dict[str, Any] = {**fields, "row": dict(fields), "category": category.name}
+        context: dict[str, Any] = {
+            **_ENVIRONMENT.globals,
+            **fields,
+            "row": dict(fields),
+            "category": category.name,
+        }
         try:
-            context["subject"] = _clean(category.subject.render(context))
-            rendered = [
-                Rendered(
-                    shot=shot.name,
-                    prompt=_clean(shot.prompt.render(context, shot=shot.name)),
-                    negative=_clean(shot.negative.render(context, shot=shot.name)),
-                    params=shot.params,
+            context["subject"] = category.subject.render(context)
+            rendered = []
+            for shot in category.shots:
+                context["shot"] = shot.name
+                rendered.append(
+                    Rendered(
+                        shot=shot.name,
+                        prompt=shot.prompt.render(context),
+                        negative=shot.negative.render(context),
+                        params=shot.params,
+                    )
                 )
-                for shot in category.shots
-            ]
         except TemplateError as exc:
             raise ItemError(f"template of category {category.name!r}: {exc.message}") from exc
         yield from rendered

@@ -73,17 +73,22 @@ class TokenCount:
 _ASCII_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\t\n\x0b\x0c\r a-z0-9]+")
 
 
-def _word_tokens(word: str, cache: dict[str, int] = {}) -> int:  # noqa: B006 - a memo on purpose
-    count = cache.get(word)
-    if count is None:
-        count = cache[word] = len(clip_tokenizer().encode(word, add_special_tokens=False).ids)
-    return count
+_WORD_TOKENS: dict[str, int] = {}
+"""Tokens per pre-token, filled as words are met; a catalogue repeats most of its words."""
 
 
 def _ascii_count(prompt: str) -> int:
     """Content tokens of an ASCII prompt: CLIP encodes each pre-token on its own, so the
-    count is a sum over words, and words repeat across a catalogue (memoised)."""
-    return sum(_word_tokens(word) for word in _ASCII_WORDS.findall(prompt.lower()))
+    count is a sum over words, looked up in a memo."""
+    words = _ASCII_WORDS.findall(prompt.lower())
+    try:
+        return sum(map(_WORD_TOKENS.__getitem__, words))
+    except KeyError:
+        tokenizer = clip_tokenizer()
+        for word in words:
+            if word not in _WORD_TOKENS:
+                _WORD_TOKENS[word] = len(tokenizer.encode(word, add_special_tokens=False).ids)
+        return sum(map(_WORD_TOKENS.__getitem__, words))
 
 
 def count_tokens(prompts: Sequence[str]) -> list[TokenCount]:
@@ -92,6 +97,10 @@ def count_tokens(prompts: Sequence[str]) -> list[TokenCount]:
     ASCII prompts are counted word by word with a memo (fast on large catalogues); others,
     and the too-long ones whose cut point is needed, go through the full tokenizer.
     """
+    unique = list(dict.fromkeys(prompts))  # a catalogue repeats its negatives, for one
+    if len(unique) < len(prompts):
+        found = dict(zip(unique, count_tokens(unique), strict=True))
+        return [found[prompt] for prompt in prompts]
     counts: list[TokenCount | None] = []
     for prompt in prompts:
         fast = prompt.isascii() and "<|" not in prompt

@@ -154,12 +154,23 @@ class ItemStaging:
         self.rows = 0
 
     def add(self, rows: list[dict[str, Any]]) -> None:
-        """Stage rows; their order is kept, so new items get ids (and render) in that order."""
-        if rows:
-            for position, row in enumerate(rows, self.rows):
-                row["position"] = position
-            self.rows += len(rows)
+        """Stage rows; their order is kept, so new items get ids (and render) in that order.
+
+        PostgreSQL takes them with COPY, several times faster than multi-row INSERTs.
+        """
+        if not rows:
+            return
+        for position, row in enumerate(rows, self.rows):
+            row["position"] = position
+        self.rows += len(rows)
+        if self.conn.dialect.name != "postgresql":
             self.conn.execute(self.table.insert(), rows)
+            return
+        names = [column.name for column in self.table.columns]
+        cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor, cursor.copy(f"COPY {self.table.name} ({', '.join(names)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([row[name] for name in names])
 
     def merge(self, run_id: int) -> tuple[int, int, int]:
         """Merge into run ``run_id`` and drop the table: ``(new, changed, in_flight)``.
@@ -169,7 +180,8 @@ class ItemStaging:
         new content), with the attempt cap counted afresh. Changed items a worker holds
         right now (running) are left alone and counted as in flight.
         """
-        items, staging, now = Item.__table__, self.table, utcnow()
+        items: sa.Table = Item.__table__  # type: ignore[assignment]
+        staging, now = self.table, utcnow()
         same_item = sa.and_(
             items.c.run_id == run_id, items.c.sku == staging.c.sku, items.c.shot == staging.c.shot
         )
@@ -230,34 +242,49 @@ class ItemStaging:
         return int(new), int(changed), int(in_flight)
 
 
-def pending_batches(conn: Connection, run_id: int, batch_size: int) -> list[list[int]]:
-    """The run's pending item ids, grouped so that a batch shares its generation parameters."""
-    rows = conn.execute(
-        sa.select(Item.id, Item.width, Item.height, Item.steps, Item.guidance_scale)
-        .where(Item.run_id == run_id, Item.status == ItemStatus.PENDING)
-        .order_by(Item.width, Item.height, Item.steps, Item.guidance_scale, Item.id)
-    ).all()
-    batches: list[list[int]] = []
-    group: tuple[Any, ...] | None = None
-    for row in rows:
-        key = tuple(row[1:])
-        if key != group or len(batches[-1]) >= batch_size:
-            batches.append([])
-            group = key
-        batches[-1].append(int(row.id))
-    return batches
+def queue_pending(
+    engine: Engine, run_id: int, batch_size: int, chunk_items: int = 2000
+) -> Iterator[list[list[int]]]:
+    """pending → queued for the run, a chunk at a time, each committed before it is yielded
+    as batches that share their generation parameters, in item order.
 
-
-def mark_queued(conn: Connection, item_ids: Sequence[int]) -> list[int]:
-    """pending → queued for the given items; returns the ids that moved."""
-    now = utcnow()
-    result = conn.execute(
-        sa.update(Item)
-        .where(Item.id.in_(item_ids), Item.status == ItemStatus.PENDING)
-        .values(status=ItemStatus.QUEUED, queued_at=now, updated_at=now)
-        .returning(Item.id)
-    )
-    return [int(i) for i in result.scalars()]
+    Memory stays constant at any run size: a chunk is at most ``chunk_items`` ids.
+    """
+    content = (Item.width, Item.height, Item.steps, Item.guidance_scale)
+    per_chunk = max(batch_size, chunk_items // batch_size * batch_size)
+    with engine.connect() as conn:
+        groups = conn.execute(
+            sa.select(*content)
+            .where(Item.run_id == run_id, Item.status == ItemStatus.PENDING)
+            .distinct()
+        ).all()
+    for group in groups:
+        same = [column == value for column, value in zip(content, group, strict=True)]
+        last = 0  # keyset: each chunk starts after the previous one's last id
+        while True:
+            now = utcnow()
+            oldest = (
+                sa.select(Item.id)
+                .where(
+                    Item.run_id == run_id, Item.status == ItemStatus.PENDING, *same, Item.id > last
+                )
+                .order_by(Item.id)
+                .limit(per_chunk)
+                .scalar_subquery()
+            )
+            with engine.begin() as conn:
+                ids = sorted(
+                    conn.execute(
+                        sa.update(Item)
+                        .where(Item.id.in_(oldest), Item.status == ItemStatus.PENDING)
+                        .values(status=ItemStatus.QUEUED, queued_at=now, updated_at=now)
+                        .returning(Item.id)
+                    ).scalars()
+                )
+            if not ids:
+                break
+            last = ids[-1]
+            yield [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
 
 
 def unmark_queued(conn: Connection, item_ids: Sequence[int]) -> None:

@@ -79,7 +79,8 @@ class Item(Base):
     __tablename__ = "items"
     __table_args__ = (
         UniqueConstraint("run_id", "sku", "shot", name="uq_items_run_sku_shot"),
-        Index("ix_items_run_status", "run_id", "status"),
+        # (run_id, status, id): counts by status, and pending items of a run in id order
+        Index("ix_items_run_status", "run_id", "status", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

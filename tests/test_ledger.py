@@ -38,9 +38,8 @@ def add_run(engine: sa.Engine, n: int = 4, name: str = "r1") -> list[int]:
     """A run with ``n`` items, all marked queued; returns their ids."""
     run_id, new, _, _ = merge(engine, [item(f"SKU-{i}", f"prompt {i}") for i in range(n)], name)
     assert new == n
-    with engine.begin() as conn:
-        ids = [i for batch in ledger.pending_batches(conn, run_id, 100) for i in batch]
-        assert sorted(ledger.mark_queued(conn, ids)) == sorted(ids)
+    ids = [i for chunk in ledger.queue_pending(engine, run_id, 100) for b in chunk for i in b]
+    assert len(ids) == n and list(ledger.queue_pending(engine, run_id, 100)) == []
     return ids
 
 
@@ -131,8 +130,8 @@ def test_batches_group_items_with_the_same_parameters(engine: sa.Engine) -> None
     """A message never mixes image sizes or step counts, and respects the batch size."""
     small, large = GenerationParams(width=64, height=64), GenerationParams()
     run_id, *_ = merge(engine, [item(f"S{i}", params=small if i % 2 else large) for i in range(7)])
+    batches = [batch for chunk in ledger.queue_pending(engine, run_id, 2) for batch in chunk]
     with engine.begin() as conn:
-        batches = ledger.pending_batches(conn, run_id, 2)
         sizes = {row.id: row.width for row in conn.execute(sa.select(Item.id, Item.width))}
     assert sorted(len(b) for b in batches) == [1, 2, 2, 2]  # 3 small, 4 large
     assert all(len({sizes[i] for i in batch}) == 1 for batch in batches)
@@ -143,6 +142,31 @@ def test_a_run_keeps_its_model_and_seed(engine: sa.Engine) -> None:
     add_run(engine, 1)
     with engine.begin() as conn, pytest.raises(ConfigError, match="created with model 'tiny'"):
         ledger.upsert_run(conn, "r1", "other", 1, "ecommerce", {})
+
+
+def test_cancel_stops_open_items_and_retry_brings_back_failed_and_cancelled(
+    engine: sa.Engine,
+) -> None:
+    """Cancel: pending/queued → cancelled (running ones finish). Retry: failed and cancelled
+    → pending with a fresh attempt budget, while the fencing token keeps growing."""
+    ids = add_run(engine, 4)
+    failing = ledger.claim(engine, ids[:1], "w", "cpu", 60)[0]
+    ledger.fail(engine, failing, "bad", retry=False, max_attempts=3)
+    running = ledger.claim(engine, ids[1:2], "w", "cpu", 60)[0]
+    with engine.begin() as conn:
+        run = ledger.run_id(conn, "r1")
+        assert ledger.cancel_run(conn, run) == 2
+    assert ledger.claim(engine, ids, "w", "cpu", 60) == []  # cancelled items are skipped
+    assert ledger.finish(engine, running, "k", 1, "0" * 64, 0.1)
+    with engine.begin() as conn:
+        assert ledger.retry_run(conn, run, failed_only=True) == 1
+        assert ledger.retry_run(conn, run, failed_only=False) == 2
+        counts = ledger.run_status(conn, "r1").counts
+    assert (counts["pending"], counts["succeeded"], counts["cancelled"]) == (3, 1, 0)
+    list(ledger.queue_pending(engine, run, 10))
+    again = ledger.claim(engine, ids[:1], "w", "cpu", 60)[0]
+    assert (again.attempt, again.attempts_before_retry) == (2, 1)
+    assert again.may_retry(max_attempts=2) and not again.may_retry(max_attempts=1)
 
 
 def test_missing_tables_are_reported_plainly(database_url: str) -> None:

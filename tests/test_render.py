@@ -46,8 +46,7 @@ def queued_run(engine: sa.Engine, n: int) -> tuple[int, list[int]]:
         staging = ledger.ItemStaging(conn)
         staging.add(rows)
         staging.merge(run_id)
-        ids = [i for b in ledger.pending_batches(conn, run_id, 100) for i in b]
-        ledger.mark_queued(conn, ids)
+    ids = [i for chunk in ledger.queue_pending(engine, run_id, 100) for b in chunk for i in b]
     return run_id, ids
 
 

@@ -73,7 +73,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("run_id", "sku", "shot", name="uq_items_run_sku_shot"),
     )
-    op.create_index("ix_items_run_status", "items", ["run_id", "status"])
+    op.create_index("ix_items_run_status", "items", ["run_id", "status", "id"])
 
 
 def downgrade() -> None:
