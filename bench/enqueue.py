@@ -322,9 +322,10 @@ def main() -> None:
         ("skufleet, 1M rows (RSS)", rss),
     ]:
         if entry:
+            rss_mb = f"{entry['peak_rss_mb']} MB" if "peak_rss_mb" in entry else "—"
             print(
                 f"| {label} | {entry['rows']:,} | {entry['items']:,} | {entry['seconds']} | "
-                f"{entry['rows_per_second']:,} | {entry.get('peak_rss_mb', '—')} MB |"
+                f"{entry['rows_per_second']:,} | {rss_mb} |"
             )
 
 
