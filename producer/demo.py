@@ -149,7 +149,8 @@ def run_demo(
             queue_prefix=settings.queue_prefix,
         )
         console.print(
-            f"run {run}: {summary.accepted} items from {catalogue} "
+            f"run {run}: {summary.items} items ({summary.template} pack) from "
+            f"{summary.accepted} rows of {catalogue} "
             f"({summary.rejected} rejected, {summary.duplicates} duplicates)"
         )
 
@@ -171,7 +172,7 @@ def run_demo(
             start_new_session=True,
         )
         stack.callback(_stop, worker)
-        total = summary.accepted
+        total = summary.items
         with Progress(
             TextColumn("rendering"),
             BarColumn(),
