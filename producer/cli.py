@@ -305,10 +305,13 @@ def runs(ctx: typer.Context) -> None:
         engine = ledger_engine(settings)
         with engine.connect() as conn:
             found = ledger.list_runs(conn)
-    table = Table()
-    for name in ("run", "model", "pack", "created", "succeeded", "failed", "open", "state"):
+    table = Table(box=None)
+    for name in ("run", "state", "succeeded", "failed", "open", "model", "pack", "created"):
+        numeric = name in ("succeeded", "failed", "open")
         table.add_column(
-            name, justify="right" if name in ("succeeded", "failed", "open") else "left"
+            name,
+            justify="right" if numeric else "left",
+            no_wrap=name in ("run", "state", "succeeded", "created"),
         )
     for run in found:
         counts = run.status.counts
@@ -316,13 +319,13 @@ def runs(ctx: typer.Context) -> None:
         state = "cancelled" if run.cancelled else ("done" if not open_items else "running")
         table.add_row(
             run.name,
-            run.model,
-            run.template,
-            f"{run.created_at:%Y-%m-%d %H:%M}",
+            state,
             f"{counts['succeeded']:,}/{run.status.total:,}",
             f"{counts['failed']:,}",
             f"{open_items:,}",
-            state,
+            run.model,
+            run.template,
+            f"{run.created_at:%Y-%m-%d %H:%M}",
         )
     out.print(table)
 

@@ -118,3 +118,43 @@ def test_column_mapping_from_the_command_line(fleet: Fleet, tmp_path: Path) -> N
     )
     assert result.returncode == 2
     assert "column mapping sku='Item_Id'" in result.stderr and "'ItemID'" in result.stderr
+
+
+def test_template_errors_and_unknown_categories_reject_their_rows(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A row whose category has no template, or whose template names a missing field, is
+    rejected with its record, line and the field; the other rows go in."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    pack = tmp_path / "pack.toml"
+    pack.write_text("""
+name = "strict"
+[categories.mugs.shots.main]
+prompt = "{{ title }}"
+[categories.rugs.shots.main]
+prompt = "{{ title }} in {{ material }}"
+""")
+    catalogue = tmp_path / "c.csv"
+    catalogue.write_text("sku,title,category\nA,Blue mug,Mugs\nB,Wool rug,Rugs\nC,Hat,Hats\n")
+    rejects = tmp_path / "rejects.jsonl"
+    summary = fleet.cli_json(
+        "enqueue",
+        str(catalogue),
+        "--run",
+        "strict",
+        "--model",
+        "tiny",
+        "--template",
+        str(pack),
+        "--rejects",
+        str(rejects),
+        "--json",
+    )
+    assert (summary["accepted"], summary["rejected"], summary["items"]) == (1, 2, 1)
+    entries = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(e["record"], e["line"], e["reason"]) for e in entries] == [
+        (2, 3, "template"),
+        (3, 4, "unknown_category"),
+    ]
+    assert "'material' is undefined" in entries[0]["detail"]
+    assert "'Hats'" in entries[1]["detail"] and "mugs, rugs" in entries[1]["detail"]
