@@ -28,6 +28,8 @@ from sqlalchemy.engine import Engine
 
 from schemas import ledger
 from schemas.errors import CatalogueError, ConfigError, SkufleetError
+from schemas.names import SCHEDULERS
+from schemas.output import OutputSpec
 from schemas.params import GenerationParams, default_params
 from schemas.settings import Settings
 
@@ -93,19 +95,16 @@ def parse_columns(values: list[str]) -> dict[str, str]:
     return mapping
 
 
-def parse_overrides(
-    model: str, size: str | None, steps: int | None, guidance: float | None
-) -> dict[str, Any]:
-    """Generation parameters given on the command line, checked against the model defaults."""
-    overrides: dict[str, Any] = {}
+def parse_overrides(model: str, size: str | None, **given: Any) -> dict[str, Any]:
+    """Generation and output parameters given on the command line, checked."""
+    overrides = {name: value for name, value in given.items() if value is not None}
     if size is not None:
         overrides["width"], overrides["height"] = parse_size(size)
-    if steps is not None:
-        overrides["steps"] = steps
-    if guidance is not None:
-        overrides["guidance_scale"] = guidance
+    output = {k: overrides[k] for k in ("format", "quality", "max_side") if k in overrides}
+    generation = {k: v for k, v in overrides.items() if k not in output}
     try:
-        GenerationParams(**{**default_params(model).model_dump(), **overrides})
+        GenerationParams(**{**default_params(model).model_dump(), **generation})
+        OutputSpec(**output)
     except ValueError as exc:
         raise ConfigError(f"invalid generation parameters: {exc}") from exc
     return overrides
@@ -142,6 +141,16 @@ def enqueue(
     size: Annotated[str | None, typer.Option(help="Image size WxH [pack/model default].")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps [pack/model default].")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale [pack default].")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help=f"Sampler: {', '.join(SCHEDULERS)} [pack default].")
+    ] = None,
+    output_format: Annotated[
+        str | None, typer.Option("--format", help="png, webp or jpeg [pack default: png].")
+    ] = None,
+    quality: Annotated[int | None, typer.Option(help="WebP/JPEG quality 1-100 [90].")] = None,
+    max_side: Annotated[
+        int | None, typer.Option(help="Shrink images so the longer side fits (thumbnails).")
+    ] = None,
     encoding: Annotated[str, typer.Option(help="Catalogue text encoding.")] = "utf-8",
     rejects: Annotated[
         Path | None,
@@ -170,7 +179,16 @@ def enqueue(
             seed=seed,
             batch_size=batch_size,
             pack=pack,
-            overrides=parse_overrides(model, size, steps, guidance),
+            overrides=parse_overrides(
+                model,
+                size,
+                steps=steps,
+                guidance_scale=guidance,
+                scheduler=scheduler,
+                format=output_format,
+                quality=quality,
+                max_side=max_side,
+            ),
             encoding=encoding,
         )
         engine = ledger_engine(settings)

@@ -22,12 +22,13 @@ from sqlalchemy.engine import Engine
 from producer.catalogue import Catalogue, Record, Reject, Tally
 from producer.publish import Publisher
 from producer.seed import derive_seed
-from producer.template import Rendered, TemplatePack
+from producer.template import OUTPUT_KEYS, Rendered, TemplatePack
 from producer.tokens import count_tokens
 from schemas import ledger
 from schemas.errors import ConfigError, ItemError
 from schemas.key import check_run_name
 from schemas.names import render_queue
+from schemas.output import OutputSpec
 from schemas.params import GenerationParams, RenderPayload, default_params
 from schemas.vocab import MAX_TOKENS
 
@@ -102,32 +103,50 @@ def aspect_size(aspect: str, width: int, height: int) -> tuple[int, int]:
 
 
 class _Parameters:
-    """Generation parameters (as item columns) per distinct set of shot overrides, validated
-    once each."""
+    """Item columns from a shot's keys: generation parameters and the output spec, each
+    distinct set validated once."""
 
     def __init__(self, request: EnqueueRequest) -> None:
         self.base = {**default_params(request.model).model_dump(), **request.pack.params}
         self.overrides = request.overrides
         self.pack = request.pack.source
-        self.cache: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+        self.cache: dict[tuple[tuple[str, Any], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
 
-    def __call__(self, rendered: Rendered) -> dict[str, Any]:
+    def _resolve(self, rendered: Rendered) -> tuple[dict[str, Any], dict[str, Any]]:
         key = tuple(sorted(rendered.params.items()))
-        params = self.cache.get(key)
-        if params is None:
+        found = self.cache.get(key)
+        if found is None:
             merged = {**self.base, **rendered.params, **self.overrides}
             aspect = merged.pop("aspect", None)
             if aspect and not {"width", "height"} & {*rendered.params, *self.overrides}:
                 merged["width"], merged["height"] = aspect_size(
                     aspect, self.base["width"], self.base["height"]
                 )
+            output = {k: merged.pop(k) for k in OUTPUT_KEYS if k in merged}
             try:
-                params = self.cache[key] = GenerationParams(**merged).model_dump()
+                params = GenerationParams(**merged).model_dump()
+                OutputSpec(**{k: v for k, v in output.items() if k != "labels"})
             except ValueError as exc:
                 raise ConfigError(
                     f"{self.pack}: shot {rendered.shot!r} gives invalid parameters: {exc}"
                 ) from exc
-        return params
+            found = self.cache[key] = (params, output)
+        return found
+
+    def __call__(self, rendered: Rendered, fields: dict[str, str]) -> dict[str, Any]:
+        """The item's parameter columns and its ``output`` JSON for one row and shot."""
+        params, output = self._resolve(rendered)
+        labels: tuple[str, ...] = ()
+        if "labels" in output:
+            column = output["labels"]
+            if column not in fields:
+                raise ItemError(f"labels column {column!r} is not in the catalogue")
+            labels = tuple(p.strip() for p in fields[column].split(";") if p.strip())
+        try:
+            spec = OutputSpec(**{k: v for k, v in output.items() if k != "labels"}, labels=labels)
+        except ValueError as exc:
+            raise ItemError(f"column {output['labels']!r}: {exc}") from exc
+        return {**params, "output": spec.to_json()}
 
 
 def _chunks(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -163,7 +182,7 @@ class _Stager:
         except ItemError as exc:
             return Reject(record.number, record.line, "unknown_category", str(exc))
         try:
-            return [(shot, self.params(shot)) for shot in pack.render(record.fields)]
+            return [(shot, self.params(shot, record.fields)) for shot in pack.render(record.fields)]
         except ItemError as exc:
             return Reject(record.number, record.line, "template", str(exc))
 

@@ -46,6 +46,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import ConfigError, ItemError
+from schemas.output import OutputSpec
 from schemas.params import GenerationParams
 
 PACKS = Path(__file__).resolve().parent / "packs"
@@ -55,7 +56,8 @@ DEFAULT_CATEGORY = "default"
 
 _ENVIRONMENT = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 _NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-PARAM_KEYS = ("width", "height", "steps", "guidance_scale", "aspect")
+PARAM_KEYS = ("width", "height", "steps", "guidance_scale", "scheduler", "aspect")
+OUTPUT_KEYS = ("format", "quality", "max_side", "labels")
 
 
 class _Strict(BaseModel):
@@ -67,14 +69,24 @@ class _Params(_Strict):
     height: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    scheduler: str | None = None
     aspect: str | None = Field(default=None, pattern=r"^[1-9][0-9]?:[1-9][0-9]?$")
     """Width:height; the shorter side keeps the model's default size (SD 1.5 2:3 → 512×768)."""
+    format: str | None = None
+    quality: int | None = None
+    max_side: int | None = None
+    labels: str | None = None
+    """A column whose ``;``-separated points are drawn beside the image."""
 
     def set(self) -> dict[str, Any]:
-        """The parameters this table sets, checked against GenerationParams' bounds."""
-        values = self.model_dump(include=set(PARAM_KEYS), exclude_none=True)
-        sized = {k: v for k, v in values.items() if k != "aspect"}
-        GenerationParams(**{**GenerationParams().model_dump(), **sized})
+        """The keys this table sets, checked against GenerationParams' and OutputSpec's rules."""
+        values = self.model_dump(include={*PARAM_KEYS, *OUTPUT_KEYS}, exclude_none=True)
+        generation = {k: v for k, v in values.items() if k in PARAM_KEYS and k != "aspect"}
+        GenerationParams(**{**GenerationParams().model_dump(), **generation})
+        try:
+            OutputSpec(**{k: v for k, v in values.items() if k in OUTPUT_KEYS and k != "labels"})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         return values
 
 
@@ -216,6 +228,8 @@ class TemplatePack:
         try:
             spec = _Pack.model_validate(data)
             pack = cls(spec, str(path))
+        except ConfigError as exc:
+            raise ConfigError(f"template pack {path}: {exc}") from exc
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()

@@ -128,7 +128,17 @@ def upsert_run(
     return int(row.id)
 
 
-CONTENT = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
+CONTENT = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "output",
+)
 """What an item is made from; a change in any of these means rendering it again."""
 
 
@@ -250,7 +260,7 @@ def queue_pending(
 
     Memory stays constant at any run size: a chunk is at most ``chunk_items`` ids.
     """
-    content = (Item.width, Item.height, Item.steps, Item.guidance_scale)
+    content = (Item.width, Item.height, Item.steps, Item.guidance_scale, Item.scheduler)
     per_chunk = max(batch_size, chunk_items // batch_size * batch_size)
     with engine.connect() as conn:
         groups = conn.execute(
@@ -314,6 +324,8 @@ class Claim:
     negative_prompt: str
     seed: int
     params: GenerationParams
+    output: str
+    """The item's OutputSpec as JSON."""
     attempt: int
     attempts_before_retry: int = 0
     """Attempts made before the item was last retried or changed; the cap counts after it."""
@@ -363,6 +375,8 @@ def claim(
             Item.height,
             Item.steps,
             Item.guidance_scale,
+            Item.scheduler,
+            Item.output,
             Item.attempts,
             Item.attempts_before_retry,
         )
@@ -381,8 +395,13 @@ def claim(
             negative_prompt=r.negative_prompt,
             seed=int(r.seed),
             params=GenerationParams(
-                width=r.width, height=r.height, steps=r.steps, guidance_scale=r.guidance_scale
+                width=r.width,
+                height=r.height,
+                steps=r.steps,
+                guidance_scale=r.guidance_scale,
+                scheduler=r.scheduler,
             ),
+            output=r.output,
             attempt=int(r.attempts),
             attempts_before_retry=int(r.attempts_before_retry),
         )
@@ -448,6 +467,42 @@ def fail(
         "queued_at" if status is ItemStatus.QUEUED else "finished_at": now,
     }
     return status if _fenced_update(engine, item, values) else None
+
+
+def flag(engine: Engine, item: Claim, reason: str) -> bool:
+    """running → failed with ``flagged`` set: the safety checker refused the image, which
+    was not uploaded. Drawing it again with the same seed would give the same image."""
+    now = utcnow()
+    return _fenced_update(
+        engine,
+        item,
+        {
+            "status": ItemStatus.FAILED,
+            "flagged": True,
+            "last_error": reason,
+            "lease_expires_at": None,
+            "finished_at": now,
+            "updated_at": now,
+        },
+    )
+
+
+def release(engine: Engine, item: Claim, reason: str) -> bool:
+    """running → queued without counting the attempt against the item's cap: its device
+    failed, not the item. (``attempts``, the fencing token, still grows.)"""
+    now = utcnow()
+    return _fenced_update(
+        engine,
+        item,
+        {
+            "status": ItemStatus.QUEUED,
+            "last_error": reason,
+            "lease_expires_at": None,
+            "queued_at": now,
+            "updated_at": now,
+            "attempts_before_retry": Item.attempts_before_retry + 1,
+        },
+    )
 
 
 # --- operations ---------------------------------------------------------------------------
@@ -611,26 +666,10 @@ def failure_reasons(conn: Connection, name: str, limit: int = 10) -> list[tuple[
     return sorted(reasons.items(), key=lambda pair: (-pair[1], pair[0]))[:limit]
 
 
-MANIFEST_FIELDS = (
-    "run",
-    "sku",
-    "shot",
-    "key",
-    "seed",
-    "sha256",
-    "bytes",
-    "prompt",
-    "negative_prompt",
-    "model",
-    "width",
-    "height",
-    "steps",
-    "guidance_scale",
-)
-
-
 def manifest(conn: Connection, name: str) -> Iterator[dict[str, Any]]:
-    """One record per succeeded item of the run, in item order, streamed from the database."""
+    """One record per succeeded item of the run, in item order, streamed from the database:
+    run, sku, shot, key, seed, sha256, bytes, prompt, negative_prompt, model, width, height,
+    steps, guidance_scale, scheduler."""
     run = conn.execute(sa.select(Run.id, Run.model).where(Run.name == name)).first()
     if run is None:
         raise ConfigError(f"no run named {name!r} in the ledger")
@@ -638,34 +677,20 @@ def manifest(conn: Connection, name: str) -> Iterator[dict[str, Any]]:
         sa.select(
             Item.sku,
             Item.shot,
-            Item.object_key,
+            Item.object_key.label("key"),
             Item.seed,
             Item.sha256,
-            Item.byte_size,
+            Item.byte_size.label("bytes"),
             Item.prompt,
             Item.negative_prompt,
             Item.width,
             Item.height,
             Item.steps,
             Item.guidance_scale,
+            Item.scheduler,
         )
         .where(Item.run_id == run.id, Item.status == ItemStatus.SUCCEEDED)
         .order_by(Item.id)
     )
     for row in rows:
-        yield {
-            "run": name,
-            "sku": row.sku,
-            "shot": row.shot,
-            "key": row.object_key,
-            "seed": row.seed,
-            "sha256": row.sha256,
-            "bytes": row.byte_size,
-            "prompt": row.prompt,
-            "negative_prompt": row.negative_prompt,
-            "model": run.model,
-            "width": row.width,
-            "height": row.height,
-            "steps": row.steps,
-            "guidance_scale": row.guidance_scale,
-        }
+        yield {"run": name, **row._asdict(), "model": run.model}

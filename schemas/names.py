@@ -11,6 +11,19 @@ import re
 
 TASK_RENDER = "skufleet.render"
 
+SCHEDULERS = (
+    "default",
+    "pndm",
+    "ddim",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+)
+"""Samplers an item can ask for; ``default`` is the model's own (SD 1.5: PNDM). The fast
+multistep solvers (``dpmpp_2m``, ``unipc``) give usable images in 20-25 steps."""
+
 TINY_MODEL = "tiny"
 """The built-in, randomly initialised Stable Diffusion pipeline for tests and offline demos."""
 

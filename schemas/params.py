@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.names import TINY_MODEL
+from schemas.names import SCHEDULERS, TINY_MODEL
+
+Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
 
 
 class GenerationParams(BaseModel):
@@ -16,6 +20,7 @@ class GenerationParams(BaseModel):
     height: int = Field(default=512, ge=8, le=2048, multiple_of=8)
     steps: int = Field(default=30, ge=1, le=500)
     guidance_scale: float = Field(default=7.5, ge=0, le=50)
+    scheduler: Scheduler = "default"
 
 
 def default_params(model: str) -> GenerationParams:

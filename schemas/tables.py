@@ -10,9 +10,11 @@ import enum
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -25,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 """The Alembic revision this code expects; ``skufleet db upgrade`` brings a database to it."""
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
@@ -94,6 +96,11 @@ class Item(Base):
     height: Mapped[int] = mapped_column(Integer)
     steps: Mapped[int] = mapped_column(Integer)
     guidance_scale: Mapped[float] = mapped_column(Float)
+    scheduler: Mapped[str] = mapped_column(String(32), default="default", server_default="default")
+    output: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    """How the image is stored (``schemas.output.OutputSpec`` as canonical JSON)."""
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa.false())
+    """The safety checker flagged the image; it was not uploaded and the item failed."""
     status: Mapped[ItemStatus] = mapped_column(
         Enum(
             ItemStatus,

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from schemas.errors import DeviceError, ModelLoadError
+from schemas.errors import ConfigError, DeviceError, ModelLoadError
+from schemas.names import SCHEDULERS
 from schemas.params import GenerationParams
-from worker.pipeline import Job, Pipeline
+from worker.pipeline import Job, Pipeline, PipelineOptions
 
-PARAMS = GenerationParams(width=64, height=32, steps=4)
+PARAMS = GenerationParams(width=64, height=48, steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +30,44 @@ def test_tiny_is_a_stable_diffusion_pipeline_loaded_from_disk(pipeline: Pipeline
     assert type(pipe.tokenizer).__name__ == "CLIPTokenizer"
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     assert Path(pipe.config._name_or_path).name.startswith("tiny-sd-")
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-def test_images_have_the_requested_size_and_depend_on_the_seed(pipeline: Pipeline) -> None:
-    """Same seed, same pixels; another seed, other pixels."""
-    a, b, c = (pipeline.render([Job("red shoe", "", seed)], PARAMS)[0] for seed in (1, 1, 2))
-    assert a.size == (64, 32)
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(np.asarray(a), np.asarray(c))
+def test_a_batch_has_the_requested_size_and_its_timings(pipeline: Pipeline) -> None:
+    """8-bit RGB pixels of the requested size, one per job, and a time per stage."""
+    batch = pipeline.render([Job("red shoe", "", 1), Job("blue bag", "", 2)], PARAMS)
+    assert batch.images.shape == (2, 48, 64, 3) and batch.images.dtype == np.uint8
+    assert batch.flagged == [False, False]
+    assert set(batch.seconds) == {"text", "denoise", "decode", "check"}
+    assert not np.array_equal(batch.images[0], batch.images[1])
 
 
-def test_a_missing_model_or_device_is_reported_by_name(tmp_path: Path) -> None:
-    """Loading errors name the model or device; they are fatal for the process."""
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_an_image_depends_on_its_seed_not_on_its_batch(pipeline: Pipeline, scheduler: str) -> None:
+    """An item drawn alone and at any position of a batch of 4 (or 9) gives identical pixels,
+    with every sampler; another seed gives other pixels."""
+    params = GenerationParams(width=64, height=48, steps=5, scheduler=scheduler)
+    jobs = [Job(f"product {i}, studio photo", "blurry", 1000 + i) for i in range(9)]
+    for size in (4, 9):
+        batch = pipeline.render(jobs[:size], params)
+        for position, job in enumerate(jobs[:size]):
+            (alone,) = pipeline.render([job], params).images
+            assert np.array_equal(alone, batch.images[position]), (size, position)
+    other = pipeline.render([Job(jobs[0].prompt, "blurry", 7)], params).images[0]
+    assert not np.array_equal(other, batch.images[0])
+
+
+def test_loading_errors_name_the_model_the_device_or_the_option(tmp_path: Path) -> None:
+    """A missing model, a missing GPU and impossible options are reported, not guessed."""
     with pytest.raises(ModelLoadError, match="does-not-exist"):
         Pipeline.load(str(tmp_path / "does-not-exist"), "cpu", tmp_path)
     with pytest.raises(DeviceError):
         Pipeline.load("tiny", "cuda", tmp_path)
+    with pytest.raises(ConfigError, match="fp16 is not supported on the CPU"):
+        Pipeline.load("tiny", "cpu", tmp_path, PipelineOptions(dtype="fp16"))
+
+
+def test_the_safety_checker_cannot_be_enabled_on_a_model_without_one(model_cache: Path) -> None:
+    """Asking for a safety checker the model lacks is an error, not a silent no-op."""
+    with pytest.raises(ModelLoadError, match="no safety checker"):
+        Pipeline.load("tiny", "cpu", model_cache, PipelineOptions(safety_checker=True))

@@ -1,20 +1,28 @@
-"""The renderer, called directly: claim, draw, upload, record, against a real ledger and S3."""
+"""The renderer, called directly: claim, draw, store, record, against a real ledger and S3."""
 
 from __future__ import annotations
 
+import io
 import secrets
+import threading
+import time
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from PIL import Image
 from sqlalchemy.orm import Session
 
 from producer.services import LocalS3, free_port
 from schemas import ledger
-from schemas.errors import ItemError
+from schemas.errors import DeviceError, ItemError
+from schemas.output import OutputSpec
 from schemas.params import GenerationParams, RenderPayload
 from schemas.settings import Settings
 from schemas.tables import Item, ItemStatus
-from tests.fixtures.pipelines import StandInPipeline
+from tests.fixtures.pipelines import FLAG, FlaggingPipeline, OutOfMemoryPipeline, StandInPipeline
+from worker.handoff import Handoff
+from worker.postprocess import read_metadata
 from worker.render import Renderer
 from worker.storage import Storage
 
@@ -24,19 +32,32 @@ def settings(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> Settings:
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)
     return Settings(
-        s3_endpoint_url=s3.endpoint_url, s3_bucket=f"t-{secrets.token_hex(6)}", max_attempts=2
+        s3_endpoint_url=s3.endpoint_url,
+        s3_bucket=f"t-{secrets.token_hex(6)}",
+        max_attempts=2,
+        retry_backoff_seconds=0,
     )
 
 
-def queued_run(engine: sa.Engine, n: int) -> tuple[int, list[int]]:
+class Requeued(list[tuple[RenderPayload, float]]):
+    """Collects what the renderer republishes, instead of a broker."""
+
+    def __call__(self, payload: RenderPayload, countdown: float) -> None:
+        self.append((payload, countdown))
+
+
+def queued_run(
+    engine: sa.Engine, n: int, output: OutputSpec | None = None, prompt: str = "p{i}"
+) -> tuple[int, list[int]]:
     params = GenerationParams(width=32, height=16).model_dump()
     rows = [
         {
             "sku": f"SKU/{i}",
             "shot": "main",
-            "prompt": f"p{i}",
+            "prompt": prompt.format(i=i),
             "negative_prompt": "n",
             "seed": 100 + i,
+            "output": (output or OutputSpec()).to_json(),
             **params,
         }
         for i in range(n)
@@ -50,50 +71,188 @@ def queued_run(engine: sa.Engine, n: int) -> tuple[int, list[int]]:
     return run_id, ids
 
 
+def renderer(
+    settings: Settings,
+    engine: sa.Engine,
+    pipeline: Any,
+    *,
+    bucket: bool = True,
+    storage: Storage | None = None,
+) -> tuple[Renderer, Requeued]:
+    storage = storage or Storage(settings)
+    if bucket:
+        storage.ensure_bucket()
+    requeued = Requeued()
+    return Renderer(settings, engine, pipeline, storage, "w@test", requeued), requeued
+
+
+def items(engine: sa.Engine) -> list[Item]:
+    with Session(engine) as session:
+        return list(session.scalars(sa.select(Item).order_by(Item.id)))
+
+
 def test_a_message_is_rendered_once_and_a_duplicate_is_skipped(
     engine: sa.Engine, settings: Settings
 ) -> None:
-    """A second delivery of the same message renders nothing and uploads nothing."""
-    storage = Storage(settings)
-    storage.ensure_bucket()
+    """A second delivery of the same message draws nothing and uploads nothing."""
     pipeline = StandInPipeline("tiny")
-    renderer = Renderer(settings, engine, pipeline, storage, "w@test")
+    worker, _ = renderer(settings, engine, pipeline)
     run_id, ids = queued_run(engine, 3)
     payload = RenderPayload(run_id=run_id, model="tiny", item_ids=ids)
 
-    first = renderer.handle(payload)
-    second = renderer.handle(payload)
+    first = worker.handle(payload)
+    second = worker.handle(payload)
+    worker.close()
 
-    assert sorted(first.succeeded) == sorted(ids)
-    assert (second.claimed, second.succeeded, pipeline.batches) == (0, [], 1)
-    with Session(engine) as session:
-        items = session.scalars(sa.select(Item)).all()
-    assert {i.status for i in items} == {ItemStatus.SUCCEEDED}
-    assert all(i.worker == "w@test" and i.device == "stand-in" for i in items)
-    listed = storage.client.list_objects_v2(Bucket=settings.s3_bucket)["Contents"]
-    assert sorted(o["Key"] for o in listed) == sorted(i.object_key for i in items)
-    assert all(i.object_key.startswith("render/SKU-") for i in items)  # "/" never reaches a key
+    assert (first.claimed, first.drawn, second.claimed, pipeline.batches) == (3, 3, 0, [3])
+    found = items(engine)
+    assert {i.status for i in found} == {ItemStatus.SUCCEEDED}
+    assert all(i.worker == "w@test" and i.device == "stand-in" for i in found)
+    listed = worker.storage.client.list_objects_v2(Bucket=settings.s3_bucket)["Contents"]
+    assert sorted(o["Key"] for o in listed) == sorted(i.object_key for i in found)
+    assert all(i.object_key.startswith("render/SKU-") for i in found)  # "/" never reaches a key
+
+
+def test_the_output_spec_of_an_item_shapes_its_object(
+    engine: sa.Engine, settings: Settings
+) -> None:
+    """Format, thumbnail and labels come from the item: a WebP thumbnail with a label panel."""
+    worker, _ = renderer(settings, engine, StandInPipeline("tiny"))
+    spec = OutputSpec(format="webp", quality=70, max_side=24, labels=("first point",))
+    run_id, ids = queued_run(engine, 1, spec)
+    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
+    worker.close()
+    (item,) = items(engine)
+    assert item.object_key.endswith("/main.webp")
+    response = worker.storage.client.get_object(Bucket=settings.s3_bucket, Key=item.object_key)
+    body = response["Body"].read()
+    assert response["ContentType"] == "image/webp"
+    opened = Image.open(io.BytesIO(body))
+    assert opened.format == "WEBP" and max(opened.size) == 24
+    assert opened.size[0] > opened.size[1]  # the panel widened the 32×16 image
+    assert read_metadata(body)["seed"] == str(item.seed)
+
+
+def test_the_next_batch_draws_while_the_previous_one_is_stored(
+    engine: sa.Engine, settings: Settings
+) -> None:
+    """Encoding and upload happen on background threads: the upload of batch 1 is still
+    running when batch 2 starts drawing, and every image still ends up stored."""
+    uploads: list[tuple[str, float, float]] = []
+    storage = Storage(settings)
+    real_put = storage.put
+    lock = threading.Lock()
+
+    def slow_put(key: str, body: bytes, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        time.sleep(0.3)
+        real_put(key, body, **kwargs)
+        with lock:
+            uploads.append((key, started, time.perf_counter()))
+
+    storage.put = slow_put  # type: ignore[method-assign]
+    pipeline = StandInPipeline("tiny", sleep=0.2)
+    worker, _ = renderer(settings, engine, pipeline, storage=storage)
+    run_id, ids = queued_run(engine, 4)
+    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids[:2]))
+    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids[2:]))
+    assert worker.busy()
+    worker.close()
+    assert not worker.busy()
+
+    second_draw_start = [t for name, t in pipeline.events if name == "draw-start"][1]
+    first_batch_uploads = [u for u in uploads if "/SKU-0-" in u[0] or "/SKU-1-" in u[0]]
+    assert len(first_batch_uploads) == 2
+    assert any(end > second_draw_start for _, _, end in first_batch_uploads)
+    assert {i.status for i in items(engine)} == {ItemStatus.SUCCEEDED}
+
+
+def test_out_of_memory_splits_the_batch_and_remembers_the_size(
+    engine: sa.Engine, settings: Settings
+) -> None:
+    """On torch's out-of-memory error the cache is freed and the batch halved until it fits;
+    later batches are drawn at that size straight away."""
+    pipeline = OutOfMemoryPipeline("tiny", fits=2)
+    worker, requeued = renderer(settings, engine, pipeline)
+    run_id, ids = queued_run(engine, 10)
+    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids[:8]))
+    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids[8:]))
+    worker.close()
+    assert pipeline.batches == [2, 2, 2, 2, 2]  # 8 → 4 → 2, then 2 at once
+    assert pipeline.freed == 2 and worker.batch_limit == 2
+    assert {i.status for i in items(engine)} == {ItemStatus.SUCCEEDED} and not requeued
+
+
+def test_a_device_that_cannot_draw_one_image_hands_its_items_back(
+    engine: sa.Engine, settings: Settings
+) -> None:
+    """Out of memory even for one image is fatal for the device: the items go back to the
+    queue at once without losing an attempt, and the outcome tells the task to stop."""
+    worker, requeued = renderer(settings, engine, OutOfMemoryPipeline("tiny", fits=0))
+    run_id, ids = queued_run(engine, 3)
+    outcome = worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
+    assert isinstance(outcome.fatal, DeviceError)
+    assert "out of memory" in str(outcome.fatal)
+    found = items(engine)
+    assert {i.status for i in found} == {ItemStatus.QUEUED}
+    assert all(i.attempts == 1 and i.attempts_before_retry == 1 for i in found)
+    assert [(sorted(p.item_ids), delay) for p, delay in requeued] == [(sorted(ids), 0.0)]
+
+
+def test_a_flagged_image_is_recorded_and_never_uploaded(
+    engine: sa.Engine, settings: Settings
+) -> None:
+    """The safety checker's verdict fails the item with flagged set; no object is written."""
+    worker, requeued = renderer(settings, engine, FlaggingPipeline("tiny"))
+    run_id, ids = queued_run(engine, 2, prompt=f"item {{i}} {FLAG}")
+    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
+    worker.close()
+    found = items(engine)
+    assert all(i.status is ItemStatus.FAILED and i.flagged and i.object_key is None for i in found)
+    assert "safety checker" in (found[0].last_error or "") and not requeued
+    listed = worker.storage.client.list_objects_v2(Bucket=settings.s3_bucket)
+    assert listed["KeyCount"] == 0
 
 
 def test_an_unreachable_bucket_requeues_the_items_with_the_error(
     engine: sa.Engine, settings: Settings
 ) -> None:
-    """Upload failures are retryable: items go back to queued with the reason recorded."""
+    """Upload failures are retryable: each item goes back to queued with the reason recorded
+    and is republished on its own."""
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: every PUT is refused
     storage = Storage(settings.model_copy(update={"s3_endpoint_url": closed, "s3_max_attempts": 1}))
-    renderer = Renderer(settings, engine, StandInPipeline("tiny"), storage, "w@test")
+    worker, requeued = renderer(
+        settings, engine, StandInPipeline("tiny"), bucket=False, storage=storage
+    )
     run_id, ids = queued_run(engine, 2)
-    outcome = renderer.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
-    assert sorted(outcome.retry) == sorted(ids)
-    with Session(engine) as session:
-        items = session.scalars(sa.select(Item)).all()
-    assert {i.status for i in items} == {ItemStatus.QUEUED}
-    assert all("StorageUnavailable" in (i.last_error or "") for i in items)
+    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
+    worker.close()
+    found = items(engine)
+    assert {i.status for i in found} == {ItemStatus.QUEUED}
+    assert all("StorageUnavailable" in (i.last_error or "") for i in found)
+    assert sorted(p.item_ids[0] for p, _ in requeued) == sorted(ids)
 
 
 def test_a_message_for_another_model_is_refused(engine: sa.Engine, settings: Settings) -> None:
     """A worker never renders items with a model it did not load."""
-    renderer = Renderer(settings, engine, StandInPipeline("tiny"), Storage(settings), "w")
+    worker, _ = renderer(settings, engine, StandInPipeline("tiny"), bucket=False)
     run_id, ids = queued_run(engine, 1)
     with pytest.raises(ItemError, match="model 'other'"):
-        renderer.handle(RenderPayload(run_id=run_id, model="other", item_ids=ids))
+        worker.handle(RenderPayload(run_id=run_id, model="other", item_ids=ids))
+
+
+def test_handoff_blocks_when_storage_falls_behind() -> None:
+    """At most max_pending jobs wait; submitting more blocks until one finishes."""
+    handoff = Handoff(threads=1, max_pending=2)
+    release = threading.Event()
+    handoff.submit(release.wait)
+    handoff.submit(release.wait)
+    third = threading.Thread(target=handoff.submit, args=(lambda: None,))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive() and handoff.pending == 2
+    release.set()
+    third.join(5)
+    assert not third.is_alive()
+    handoff.close()
+    assert handoff.pending == 0

@@ -6,6 +6,7 @@ Every setting that matters carries a comment saying why it is set.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -55,38 +56,47 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-class BurstStep(bootsteps.StartStopStep):
-    """Stop the worker, exit code 0, once its queues are empty and it holds no task.
+def burst_step(busy: Callable[[], bool]) -> type[bootsteps.StartStopStep]:
+    """A consumer step that stops the worker, exit code 0, once its queues are empty, it
+    holds no task and ``busy()`` (images still being stored) is false.
 
-    For tests, demos and batch jobs. The queues and the worker's own reserved, scheduled
-    (countdown retries) and active tasks must all be empty for a few checks in a row.
+    For tests, demos and batch jobs. All of it must hold for a few checks in a row, so that
+    a message in flight between Redis and the worker is not missed.
     """
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    class BurstStep(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.idle_checks = 0
-        self.timer_entry: Any = None
-
-    def start(self, consumer: Any) -> None:
-        self.timer_entry = consumer.timer.call_repeatedly(
-            BURST_CHECK_SECONDS, self.check, (consumer,), priority=10
-        )
-
-    def stop(self, consumer: Any) -> None:
-        if self.timer_entry is not None:
-            self.timer_entry.cancel()
-
-    def check(self, consumer: Any) -> None:
-        if state.active_requests or state.reserved_requests or state.scheduled_requests:
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
             self.idle_checks = 0
-            return
-        names = [queue.name for queue in consumer.task_consumer.queues]
-        with consumer.app.connection_for_read() as connection:
-            channel = connection.default_channel
-            waiting = sum(channel.queue_declare(queue=name).message_count for name in names)
-        self.idle_checks = self.idle_checks + 1 if waiting == 0 else 0
-        if self.idle_checks >= BURST_IDLE_CHECKS:
-            log.info("burst: queues %s are empty and nothing is running; stopping", names)
-            state.should_stop = 0
+            self.timer_entry: Any = None
+
+        def start(self, consumer: Any) -> None:
+            self.timer_entry = consumer.timer.call_repeatedly(
+                BURST_CHECK_SECONDS, self.check, (consumer,), priority=10
+            )
+
+        def stop(self, consumer: Any) -> None:
+            if self.timer_entry is not None:
+                self.timer_entry.cancel()
+
+        def check(self, consumer: Any) -> None:
+            if (
+                state.active_requests
+                or state.reserved_requests
+                or state.scheduled_requests
+                or busy()
+            ):
+                self.idle_checks = 0
+                return
+            names = [queue.name for queue in consumer.task_consumer.queues]
+            with consumer.app.connection_for_read() as connection:
+                channel = connection.default_channel
+                waiting = sum(channel.queue_declare(queue=name).message_count for name in names)
+            self.idle_checks = self.idle_checks + 1 if waiting == 0 else 0
+            if self.idle_checks >= BURST_IDLE_CHECKS:
+                log.info("burst: queues %s are empty and nothing is running; stopping", names)
+                state.should_stop = 0
+
+    return BurstStep

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from schemas.settings import Settings
+from worker.process import add_pipeline_arguments, pipeline_flags
 
 log = logging.getLogger("skufleet.launcher")
 
@@ -65,7 +66,9 @@ def parse_devices(spec: str, gpu_count: int | None = None) -> list[DeviceSlot]:
     return [DeviceSlot(f"gpu{i}", str(i), "cuda") for i in indices]
 
 
-def child_command(slot: DeviceSlot, model: str, burst: bool, loglevel: str) -> list[str]:
+def child_command(
+    slot: DeviceSlot, model: str, burst: bool, loglevel: str, flags: list[str] | None = None
+) -> list[str]:
     command = [
         sys.executable,
         "-m",
@@ -78,6 +81,7 @@ def child_command(slot: DeviceSlot, model: str, burst: bool, loglevel: str) -> l
         slot.name,
         "--loglevel",
         loglevel,
+        *(flags or []),
     ]
     return [*command, "--burst"] if burst else command
 
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "--burst", action="store_true", help="exit 0 once the queue is empty and nothing is running"
     )
     parser.add_argument("--loglevel", default="INFO")
+    add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.loglevel.upper(), format="%(asctime)s launcher %(levelname)s: %(message)s"
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for slot in slots:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot.visible}
         children[slot.name] = subprocess.Popen(
-            child_command(slot, model, args.burst, args.loglevel), env=env
+            child_command(slot, model, args.burst, args.loglevel, pipeline_flags(args)), env=env
         )
         log.info(
             "started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r, model %s)",

@@ -20,11 +20,11 @@ from schemas import ledger
 from schemas.errors import FatalError, RetryableError, SkufleetError
 from schemas.names import render_queue
 from schemas.settings import Settings
-from worker.celery_app import BurstStep, create_app
-from worker.pipeline import ImageModel, Pipeline
+from worker.celery_app import burst_step, create_app
+from worker.pipeline import ImageModel, Pipeline, PipelineOptions
 from worker.render import Renderer
 from worker.storage import Storage
-from worker.tasks import EXIT_DEVICE_FAILED, register_render
+from worker.tasks import EXIT_DEVICE_FAILED, make_requeue, register_render
 
 log = logging.getLogger("skufleet.worker")
 
@@ -34,18 +34,55 @@ EXIT_CONFIG = 2
 """Exit code for a configuration error (bad setting, ledger schema missing)."""
 
 
+Loader = Callable[[str, str, Path, PipelineOptions], ImageModel]
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pipeline options, shared by ``skufleet-worker`` and each worker process."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        help="weights and activations (auto: fp16 on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument(
+        "--safety-checker",
+        action="store_true",
+        help="run the model's safety checker; flagged images are not uploaded",
+    )
+    parser.add_argument("--vae-batch", type=int, default=8, help="images the VAE decodes at once")
+
+
+def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
+    return PipelineOptions(
+        dtype=args.dtype,
+        compile=args.compile,
+        safety_checker=args.safety_checker,
+        vae_batch=args.vae_batch,
+    )
+
+
+def pipeline_flags(args: argparse.Namespace) -> list[str]:
+    """The command-line form of the pipeline options, for a child process."""
+    flags = ["--dtype", args.dtype, "--vae-batch", str(args.vae_batch)]
+    return flags + ["--compile"] * args.compile + ["--safety-checker"] * args.safety_checker
+
+
 def serve(
     settings: Settings,
     model: str,
     device: str,
     name: str,
-    burst: bool,
+    *,
+    burst: bool = False,
+    options: PipelineOptions | None = None,
     loglevel: str = "INFO",
-    load: Callable[[str, str, Path], ImageModel] = Pipeline.load,
+    load: Loader = Pipeline.load,
 ) -> int:
     """Run one device's worker until it is stopped; returns the exit code.
 
-    ``load(model, device, cache_dir)`` builds the pipeline; tests pass stand-ins here.
+    ``load(model, device, cache_dir, options)`` builds the pipeline; tests pass stand-ins.
     """
     hostname = f"{name}@{socket.gethostname()}"
     try:
@@ -56,7 +93,7 @@ def serve(
         storage = Storage(settings)
         storage.ensure_bucket()
         # 3. the pipeline, loaded once and kept for the life of the process
-        pipeline = load(model, device, settings.cache_dir)
+        pipeline = load(model, device, settings.cache_dir, options or PipelineOptions())
     except FatalError as exc:
         log.critical("%s cannot start: %s", hostname, exc)
         return EXIT_DEVICE_FAILED
@@ -67,12 +104,13 @@ def serve(
         log.critical("%s cannot start: %s", hostname, exc)
         return EXIT_CONFIG
 
-    # 4. Celery, consuming only this model's queue
+    # 4. Celery, consuming only this model's queue; retries go back to the same queue
     queue = render_queue(settings.queue_prefix, model)
     app = create_app(settings)
-    register_render(app, Renderer(settings, engine, pipeline, storage, hostname), settings)
+    renderer = Renderer(settings, engine, pipeline, storage, hostname, make_requeue(app, queue))
+    register_render(app, renderer)
     if burst:
-        app.steps["consumer"].add(BurstStep)
+        app.steps["consumer"].add(burst_step(renderer.busy))
     log.info("%s ready on %s, consuming %s", hostname, pipeline.describe_device(), queue)
     argv = [
         "worker",
@@ -88,13 +126,13 @@ def serve(
         app.worker_main(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    finally:
+        # images drawn before the stop are stored and recorded before the process exits
+        renderer.close()
     return 0
 
 
-def main(
-    argv: list[str] | None = None,
-    load: Callable[[str, str, Path], ImageModel] = Pipeline.load,
-) -> int:
+def main(argv: list[str] | None = None, load: Loader = Pipeline.load) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m worker.process", description="One skufleet worker for one device."
     )
@@ -103,6 +141,7 @@ def main(
     parser.add_argument("--name", required=True, help="worker name, e.g. gpu0 or cpu")
     parser.add_argument("--burst", action="store_true")
     parser.add_argument("--loglevel", default="INFO")
+    add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.loglevel.upper(),
@@ -113,7 +152,16 @@ def main(
     except ValueError as exc:
         log.critical("invalid SKUFLEET_* setting: %s", exc)
         return EXIT_CONFIG
-    return serve(settings, args.model, args.device, args.name, args.burst, args.loglevel, load)
+    return serve(
+        settings,
+        args.model,
+        args.device,
+        args.name,
+        burst=args.burst,
+        options=pipeline_options(args),
+        loglevel=args.loglevel,
+        load=load,
+    )
 
 
 if __name__ == "__main__":

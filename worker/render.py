@@ -1,56 +1,108 @@
-"""One render message, start to finish: claim, draw, encode, upload, record.
+"""One render message, start to finish: claim, draw, then encode, upload and record.
 
-Plain Python with no Celery in it: the task in ``worker.tasks`` decodes the message, calls
-:meth:`Renderer.handle` and turns its outcome into a retry or nothing.
+Plain Python with no Celery in it: the task in ``worker.tasks`` decodes the message and
+calls :meth:`Renderer.handle`; retries go back to the queue through the ``requeue``
+callable the task module provides.
+
+The GPU part (claim and draw) runs in the task; encoding, upload and the ledger update of
+each image run on background threads (:class:`~worker.handoff.Handoff`), so the next batch
+is already drawing while this one is stored. A message is acknowledged once its batch is
+drawn; from then on the ledger (each item's lease and attempt) keeps the item safe.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import random
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+import numpy as np
+import torch
 from PIL import Image
 from sqlalchemy.engine import Engine
 
 from schemas import ledger
-from schemas.errors import FatalError, ItemError, RetryableError, SkufleetError
+from schemas.errors import DeviceError, FatalError, ItemError, RetryableError, SkufleetError
 from schemas.key import object_key
-from schemas.params import RenderPayload
+from schemas.output import OutputSpec
+from schemas.params import GenerationParams, RenderPayload
 from schemas.settings import Settings
 from schemas.tables import ItemStatus
-from worker.pipeline import ImageModel, Job
-from worker.postprocess import encode_png
+from worker.handoff import Handoff
+from worker.pipeline import Batch, ImageModel, Job
+from worker.postprocess import process
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
 
+Requeue = Callable[[RenderPayload, float], None]
+"""Publish ``payload`` again after ``countdown`` seconds."""
 
-@dataclass
-class Outcome:
-    """What became of a message's items."""
+MAX_BACKOFF_SECONDS = 600.0
+_DEVICE_FAILURES = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert")
 
-    claimed: int = 0
-    succeeded: list[int] = field(default_factory=list)
-    retry: list[int] = field(default_factory=list)
-    """Items put back to queued; the task republishes them after a backoff."""
-    failed: list[int] = field(default_factory=list)
-    fenced: list[int] = field(default_factory=list)
-    """Items another attempt took over while we worked; our result was discarded."""
-    attempt: int = 0
-    """Highest attempt number among the items, for the retry backoff."""
-    split: bool = False
-    """The batch failed as a whole: retry its items one per message, so that one bad item
-    cannot keep failing the others."""
-    fatal: FatalError | None = None
-    """Set when the device cannot go on; the items were put back for other workers."""
+
+def backoff(base: float, attempt: int) -> float:
+    """Seconds before retry ``attempt + 1``: doubling from ``base``, capped, ±20% jitter."""
+    delay = min(MAX_BACKOFF_SECONDS, base * 2 ** max(0, attempt - 1))
+    return delay * random.uniform(0.8, 1.2)
 
 
 def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class Outcome:
+    """What :meth:`Renderer.handle` did with a message (storing continues in the background)."""
+
+    claimed: int = 0
+    drawn: int = 0
+    retried: list[int] = field(default_factory=list)
+    """Items put back to queued and republished after a backoff."""
+    failed: list[int] = field(default_factory=list)
+    fatal: FatalError | None = None
+    """Set when the device cannot go on; its items were handed back to the fleet."""
+
+
+@dataclass
+class _BatchLog:
+    """Collects a batch's background timings and logs one line when its last image is done."""
+
+    run: str
+    size: int
+    drawn: dict[str, float]
+    busy: float
+    encode: float = 0.0
+    upload: float = 0.0
+    remaining: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, encode: float, upload: float) -> None:
+        with self.lock:
+            self.encode += encode
+            self.upload += upload
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last:
+            stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.drawn.items() if v >= 0.005)
+            log.info(
+                "run %s: batch of %d drawn in %.2fs (%s); encoded %.2fs, uploaded %.2fs in the "
+                "background; GPU busy %.0f%% since the first batch",
+                self.run,
+                self.size,
+                sum(self.drawn.values()),
+                stages,
+                self.encode,
+                self.upload,
+                100 * self.busy,
+            )
 
 
 class Renderer:
@@ -63,13 +115,29 @@ class Renderer:
         pipeline: ImageModel,
         storage: Storage,
         worker_name: str,
+        requeue: Requeue,
+        handoff: Handoff | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.pipeline = pipeline
         self.storage = storage
         self.worker_name = worker_name
+        self.requeue = requeue
+        self.handoff = handoff or Handoff()
         self.device = pipeline.describe_device()
+        self.batch_limit: int | None = None
+        """Largest batch that fits the device, learnt from out-of-memory errors."""
+        self._first_draw: float | None = None
+        self._gpu_seconds = 0.0
+
+    def busy(self) -> bool:
+        """True while images are still being stored in the background."""
+        return self.handoff.pending > 0
+
+    def close(self) -> None:
+        """Finish storing every drawn image (on shutdown, so no lease is left to expire)."""
+        self.handoff.close()
 
     def handle(self, payload: RenderPayload) -> Outcome:
         outcome = Outcome()
@@ -94,121 +162,219 @@ class Renderer:
         outcome.claimed = len(claims)
         if not claims:
             log.info(
-                "nothing to do for %d items of run %s (done or taken)", len(payload.item_ids), run
+                "nothing to do for %d items of run %s (done, taken or cancelled)",
+                len(payload.item_ids),
+                run,
             )
             return outcome
-        outcome.attempt = max(c.attempt for c in claims)
 
         # 2. draw the batch; the items of one message share their parameters
+        jobs = [Job(c.prompt, c.negative_prompt, c.seed) for c in claims]
         started = time.perf_counter()
         try:
-            images = self.pipeline.render(
-                [Job(c.prompt, c.negative_prompt, c.seed) for c in claims], claims[0].params
-            )
+            batch = self._draw(jobs, claims[0].params)
         except FatalError as exc:
-            self._fail_all(claims, exc, outcome, retry=True)
+            self._release(payload, claims, exc, outcome)
             outcome.fatal = exc
             return outcome
-        except Exception as exc:  # any error of the model is recorded on the items
-            log.exception("render of %d items failed", len(claims))
-            self._fail_all(claims, exc, outcome, retry=not isinstance(exc, ItemError))
-            outcome.split = len(claims) > 1
+        except Exception as exc:  # any error of the model is recorded on its items
+            log.exception("drawing %d items failed", len(claims))
+            # a batch that failed as a whole is retried one item per message, so that a
+            # single bad item cannot keep failing the others
+            self._fail(
+                payload,
+                claims,
+                exc,
+                outcome,
+                retry=not isinstance(exc, ItemError),
+                one_per_message=len(claims) > 1,
+            )
             return outcome
-        seconds_per_item = (time.perf_counter() - started) / len(claims)
+        outcome.drawn = len(claims)
+        self._account(started, batch)
 
-        # 3. encode, upload, and record each image under the attempt fence
-        for claim, image in zip(claims, images, strict=True):
-            try:
-                self._store(run, claim, image, seconds_per_item, outcome)
-            except (RetryableError, ItemError) as exc:
-                self._fail(claim, exc, outcome, retry=isinstance(exc, RetryableError))
-        log.info(
-            "run %s: %d succeeded, %d to retry, %d failed, %d fenced in %.2fs",
-            run,
-            len(outcome.succeeded),
-            len(outcome.retry),
-            len(outcome.failed),
-            len(outcome.fenced),
-            time.perf_counter() - started,
-        )
+        # 3. encode, upload and record each image in the background
+        report = _BatchLog(run, len(claims), batch.seconds, self.gpu_busy, remaining=len(claims))
+        seconds_per_item = (time.perf_counter() - started) / len(claims)
+        for claim, pixels, flagged in zip(claims, batch.images, batch.flagged, strict=True):
+            self.handoff.submit(
+                functools.partial(
+                    self._store, payload, run, claim, pixels, flagged, seconds_per_item, report
+                )
+            )
         return outcome
+
+    @property
+    def gpu_busy(self) -> float:
+        """Fraction of the time since the first batch that the device spent drawing."""
+        if self._first_draw is None:
+            return 0.0
+        return min(1.0, self._gpu_seconds / max(1e-9, time.perf_counter() - self._first_draw))
+
+    def _account(self, started: float, batch: Batch) -> None:
+        if self._first_draw is None:
+            self._first_draw = started
+        self._gpu_seconds += sum(batch.seconds.values())
+
+    def _draw(self, jobs: Sequence[Job], params: GenerationParams) -> Batch:
+        """Draw in batches the device can hold; halve on out-of-memory and remember it."""
+        limit = self.batch_limit
+        if limit is not None and len(jobs) > limit:
+            return Batch.concat(
+                [self._draw(jobs[i : i + limit], params) for i in range(0, len(jobs), limit)]
+            )
+        try:
+            return self.pipeline.render(jobs, params)
+        except torch.cuda.OutOfMemoryError as exc:
+            self.pipeline.free_memory()
+            if len(jobs) == 1:
+                raise DeviceError(
+                    f"out of memory on {self.device} for a single {params.width}×"
+                    f"{params.height} image: {exc}"
+                ) from exc
+            self.batch_limit = max(1, len(jobs) // 2)
+            log.warning(
+                "out of memory on %s for a batch of %d; drawing %d at a time from now on",
+                self.device,
+                len(jobs),
+                self.batch_limit,
+            )
+            return self._draw(jobs, params)
+        except RuntimeError as exc:
+            if any(marker in str(exc) for marker in _DEVICE_FAILURES):
+                raise DeviceError(f"{self.device} failed: {exc}") from exc
+            raise
 
     def _store(
         self,
+        payload: RenderPayload,
         run: str,
         claim: ledger.Claim,
-        image: Image.Image,
+        pixels: np.ndarray,
+        flagged: bool,
         seconds: float,
-        outcome: Outcome,
+        report: _BatchLog,
     ) -> None:
-        key = object_key(run, claim.sku, claim.shot, "png")
-        prompt_hash = hashlib.sha256(claim.prompt.encode()).hexdigest()
-        body = encode_png(
-            image,
-            {
-                "prompt": claim.prompt,
-                "negative_prompt": claim.negative_prompt,
-                "seed": str(claim.seed),
-                "steps": str(claim.params.steps),
-                "guidance_scale": str(claim.params.guidance_scale),
-                "model": self.pipeline.model,
-                "sku": claim.sku,
-            },
-        )
-        digest = hashlib.sha256(body).hexdigest()
-        self.storage.put(
-            key,
-            body,
-            sha256_hex=digest,
-            content_type="image/png",
-            metadata={
-                # S3 metadata is ASCII: the SKU is percent-encoded.
-                "sku": quote(claim.sku, safe=""),
-                "shot": quote(claim.shot, safe=""),
-                "seed": str(claim.seed),
-                "model": quote(self.pipeline.model, safe="/"),
-                "prompt-sha256": prompt_hash,
-            },
-        )
-        if ledger.finish(self.engine, claim, key, len(body), digest, seconds):
-            outcome.succeeded.append(claim.id)
-        else:
-            log.warning(
-                "item %s was taken over (attempt %s is stale); result discarded",
-                claim.id,
-                claim.attempt,
+        """Background: post-process, upload and record one image (or record why not)."""
+        encode = upload = 0.0
+        try:
+            if flagged:
+                ledger.flag(self.engine, claim, "flagged by the safety checker; not uploaded")
+                log.warning(
+                    "item %s (%s/%s) was flagged by the safety checker",
+                    claim.id,
+                    claim.sku,
+                    claim.shot,
+                )
+                return
+            spec = OutputSpec.from_json(claim.output)
+            started = time.perf_counter()
+            encoded = process(Image.fromarray(pixels), spec, self._metadata(claim))
+            digest = hashlib.sha256(encoded.body).hexdigest()
+            encode = time.perf_counter() - started
+            key = object_key(run, claim.sku, claim.shot, encoded.extension)
+            self.storage.put(
+                key,
+                encoded.body,
+                sha256_hex=digest,
+                content_type=encoded.content_type,
+                metadata={
+                    # S3 metadata is ASCII: SKU and shot are percent-encoded
+                    "sku": quote(claim.sku, safe=""),
+                    "shot": quote(claim.shot, safe=""),
+                    "seed": str(claim.seed),
+                    "model": quote(self.pipeline.model, safe="/"),
+                    "prompt-sha256": hashlib.sha256(claim.prompt.encode()).hexdigest(),
+                },
             )
-            outcome.fenced.append(claim.id)
+            upload = time.perf_counter() - started - encode
+            if not ledger.finish(self.engine, claim, key, len(encoded.body), digest, seconds):
+                log.warning(
+                    "item %s was taken over (attempt %s is stale); result discarded",
+                    claim.id,
+                    claim.attempt,
+                )
+        except ItemError as exc:
+            self._fail(payload, [claim], exc, Outcome(), retry=False, one_per_message=True)
+        except Exception as exc:  # storage, ledger or an unexpected error: retry the item
+            if not isinstance(exc, RetryableError):
+                log.exception("storing item %s failed", claim.id)
+            self._fail(payload, [claim], exc, Outcome(), retry=True, one_per_message=True)
+        finally:
+            report.add(encode, upload)
 
-    def _fail_all(
-        self, claims: Sequence[ledger.Claim], exc: BaseException, outcome: Outcome, *, retry: bool
-    ) -> None:
-        for claim in claims:
-            self._fail(claim, exc, outcome, retry=retry)
+    def _metadata(self, claim: ledger.Claim) -> dict[str, str]:
+        return {
+            "prompt": claim.prompt,
+            "negative_prompt": claim.negative_prompt,
+            "seed": str(claim.seed),
+            "steps": str(claim.params.steps),
+            "guidance_scale": str(claim.params.guidance_scale),
+            "scheduler": claim.params.scheduler,
+            "model": self.pipeline.model,
+            "sku": claim.sku,
+        }
 
     def _fail(
-        self, claim: ledger.Claim, exc: BaseException, outcome: Outcome, *, retry: bool
+        self,
+        payload: RenderPayload,
+        claims: Sequence[ledger.Claim],
+        exc: BaseException,
+        outcome: Outcome,
+        *,
+        retry: bool,
+        one_per_message: bool,
     ) -> None:
-        try:
-            status = ledger.fail(
-                self.engine,
-                claim,
-                describe_error(exc),
-                retry=retry,
-                max_attempts=self.settings.max_attempts,
-            )
-        except SkufleetError:
-            log.exception("cannot record the failure of item %s; its lease will expire", claim.id)
+        """Record ``exc`` on each item; republish those that may retry, after a backoff."""
+        retried: list[ledger.Claim] = []
+        for claim in claims:
+            try:
+                status = ledger.fail(
+                    self.engine,
+                    claim,
+                    describe_error(exc),
+                    retry=retry,
+                    max_attempts=self.settings.max_attempts,
+                )
+            except SkufleetError:
+                log.exception(
+                    "cannot record the failure of item %s; its lease will expire", claim.id
+                )
+                continue
+            if status is ItemStatus.QUEUED:
+                retried.append(claim)
+            elif status is ItemStatus.FAILED:
+                log.error(
+                    "item %s failed for good after %d attempts: %s",
+                    claim.id,
+                    claim.attempt,
+                    describe_error(exc),
+                )
+                outcome.failed.append(claim.id)
+        if not retried:
             return
-        if status is ItemStatus.QUEUED:
-            outcome.retry.append(claim.id)
-        elif status is ItemStatus.FAILED:
-            log.error(
-                "item %s failed for good after %d attempts: %s",
-                claim.id,
-                claim.attempt,
-                describe_error(exc),
-            )
-            outcome.failed.append(claim.id)
-        else:
-            outcome.fenced.append(claim.id)
+        delay = backoff(self.settings.retry_backoff_seconds, max(c.attempt for c in retried))
+        groups = [[c.id] for c in retried] if one_per_message else [[c.id for c in retried]]
+        for ids in groups:
+            self.requeue(payload.model_copy(update={"item_ids": ids}), delay)
+        outcome.retried += [c.id for c in retried]
+        log.info("retrying %d items in %d messages in %.1fs", len(retried), len(groups), delay)
+
+    def _release(
+        self,
+        payload: RenderPayload,
+        claims: Sequence[ledger.Claim],
+        exc: FatalError,
+        outcome: Outcome,
+    ) -> None:
+        """Hand the items back to the fleet at once, without counting this attempt."""
+        released = []
+        for claim in claims:
+            try:
+                if ledger.release(self.engine, claim, f"device failure: {describe_error(exc)}"):
+                    released.append(claim.id)
+            except SkufleetError:
+                log.exception("cannot release item %s; its lease will expire", claim.id)
+        if released:
+            self.requeue(payload.model_copy(update={"item_ids": released}), 0.0)
+        outcome.retried += released
