@@ -15,6 +15,9 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from celery import signals
 
 from schemas import ledger
 from schemas.errors import FatalError, RetryableError, SkufleetError
@@ -122,6 +125,10 @@ def serve(
         "--without-mingle",  # no revokes or clocks to sync at start; starts faster
         "--without-gossip",  # Flower watches events, not gossip; saves broker traffic
     ]
+    # worker_main does not return the worker's exit code (3 after a device failure, 0 after
+    # a burst or a warm shutdown): read it off the worker itself
+    started: list[Any] = []
+    signals.worker_init.connect(lambda sender, **_: started.append(sender), weak=False)
     try:
         app.worker_main(argv)
     except SystemExit as exc:
@@ -129,7 +136,7 @@ def serve(
     finally:
         # images drawn before the stop are stored and recorded before the process exits
         renderer.close()
-    return 0
+    return int(started[0].exitcode or 0) if started else EXIT_UNAVAILABLE
 
 
 def main(argv: list[str] | None = None, load: Loader = Pipeline.load) -> int:
