@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.skufleet-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# Wheels that bench/gpu.py needs on a GPU machine with only torch and transformers
+# (pure-Python, for its Python 3.12); bench/gpu-device.sh installs them there.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
+	  "diffusers==$$($(BIN)/python -c 'import diffusers; print(diffusers.__version__)')" \
+	  "importlib_metadata==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("importlib_metadata"))')"
 
 clean:
 	rm -rf $(VENV) skufleet-demo .pytest_cache .ruff_cache .mypy_cache

@@ -37,3 +37,33 @@ def test_enqueue_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     assert figures["naive"]["rows"] == 30
     assert figures["speedup_rows_per_second"] > 0
     assert "| skufleet, one shot per row | 300 |" in result.stdout
+
+
+BLOCKED = ("celery", "kombu", "pydantic", "pydantic_settings", "sqlalchemy", "boto3", "redis")
+
+
+def test_gpu_benchmark_runs_on_the_cpu_without_the_fleet_libraries(tmp_path: Path) -> None:
+    """bench/gpu.py drives the worker's pipeline and post-processing with --device cpu
+    --model tiny, and imports none of Celery, pydantic, SQLAlchemy, boto3 or redis (the GPU
+    machine has none of them)."""
+    blocker = (
+        "import runpy, sys\n"
+        f"for name in {BLOCKED!r}: sys.modules[name] = None\n"
+        f"sys.argv = ['bench/gpu.py', '--device', 'cpu', '--model', 'tiny', '--batch-sizes',"
+        f" '1,2', '--images', '2', '--baseline-images', '1', '--out', {str(tmp_path)!r}]\n"
+        "runpy.run_path('bench/gpu.py', run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = tmp_path.glob("gpu-cpu-tiny-*.json")
+    figures = json.loads(written.read_text())
+    assert json.loads(result.stdout) == figures
+    assert [run["batch_size"] for run in figures["runs"]] == [1, 2]
+    for run in [*figures["runs"], figures["baseline"]]:
+        assert run["images_per_second"] > 0
+        assert set(run["stage_seconds_per_image"]) == {"text", "denoise", "decode", "check"}
+    assert figures["baseline"]["setup"].endswith("attention slicing, batch 1, PNG encoded in line")
+    assert figures["speedup_vs_baseline"] > 0 and figures["fastest"]["batch_size"] in (1, 2)
+    assert figures["settings"]["width"] == 64 and figures["weights"] == "tiny random test model"

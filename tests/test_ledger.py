@@ -20,6 +20,7 @@ def item(sku: str, prompt: str = "p", params: GenerationParams | None = None) ->
         "shot": "main",
         "prompt": prompt,
         "negative_prompt": "",
+        "output": "{}",
         "seed": 1,
         **(params or GenerationParams()).model_dump(),
     }
