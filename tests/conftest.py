@@ -32,7 +32,8 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "SKUFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 BIN = Path(sys.executable).parent
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +135,25 @@ class Fleet:
     def worker(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
         return self.run(str(BIN / "skufleet-worker"), *args, timeout=timeout)
 
+    @staticmethod
+    def stand_in_worker(*fixture: str, name: str = "cpu") -> list[str]:
+        """The command of a real worker process (burst mode) whose pipeline is a stand-in
+        from tests/fixtures: ``stand_in_worker("--fixture", "poison")``."""
+        return [
+            sys.executable,
+            "-m",
+            "tests.fixtures.serve",
+            *fixture,
+            "--",
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--name",
+            name,
+            "--burst",
+        ]
+
     def engine(self) -> sa.Engine:
         return ledger.create_engine(self.env["SKUFLEET_DATABASE_URL"])
 
@@ -166,5 +186,6 @@ def fleet(
         "SKUFLEET_QUEUE_PREFIX": f"test-{secrets.token_hex(6)}",
         "SKUFLEET_CACHE_DIR": str(model_cache),
         "SKUFLEET_RETRY_BACKOFF_SECONDS": "0.5",
+        "PYTHONPATH": str(ROOT),  # worker processes import tests.fixtures
     }
     return Fleet(env=env, s3=s3, bucket=bucket, tmp_path=tmp_path)

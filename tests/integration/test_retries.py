@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -14,7 +12,6 @@ from tests.fixtures.pipelines import POISON
 
 pytestmark = pytest.mark.integration
 
-ROOT = __file__.rsplit("/tests/", 1)[0]
 ONE_SHOT_PACK = """
 name = "one-shot"
 [categories.default]
@@ -33,7 +30,7 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
     catalogue.write_text("sku,title\n" + "\n".join(rows) + "\n")
     pack = fleet.tmp_path / "one-shot.toml"
     pack.write_text(ONE_SHOT_PACK)
-    fleet.env.update({"SKUFLEET_MAX_ATTEMPTS": "3", "PYTHONPATH": ROOT})
+    fleet.env["SKUFLEET_MAX_ATTEMPTS"] = "3"
     assert fleet.cli("db", "upgrade").returncode == 0
     fleet.cli_json(
         "enqueue",
@@ -49,21 +46,7 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
         "--json",
     )
 
-    result = fleet.run(
-        sys.executable,
-        "-m",
-        "tests.fixtures.serve",
-        "--fixture",
-        "poison",
-        "--",
-        "--model",
-        "tiny",
-        "--device",
-        "cpu",
-        "--name",
-        "cpu",
-        "--burst",
-    )
+    result = fleet.run(*fleet.stand_in_worker("--fixture", "poison"))
     assert result.returncode == 0, result.stderr[-4000:]
 
     with Session(fleet.engine()) as session:
@@ -81,21 +64,7 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
     # an explicit retry of the failed item gives it a fresh budget of attempts
     retried = fleet.cli_json("retry", "poison", "--failed", "--json")
     assert (retried["retried"], retried["enqueued"]) == (1, 1)
-    result = fleet.run(
-        sys.executable,
-        "-m",
-        "tests.fixtures.serve",
-        "--fixture",
-        "poison",
-        "--",
-        "--model",
-        "tiny",
-        "--device",
-        "cpu",
-        "--name",
-        "cpu",
-        "--burst",
-    )
+    result = fleet.run(*fleet.stand_in_worker("--fixture", "poison"))
     assert result.returncode == 0, result.stderr[-4000:]
     with Session(fleet.engine()) as session:
         again = session.scalars(sa.select(Item).where(Item.sku == "SKU-2")).one()

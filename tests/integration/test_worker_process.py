@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -22,7 +21,6 @@ from tests.conftest import Fleet
 
 pytestmark = pytest.mark.integration
 
-ROOT = str(Path(__file__).resolve().parents[2])
 ONE_SHOT_PACK = """
 name = "one-shot"
 [categories.default.shots.main]
@@ -53,21 +51,8 @@ def enqueue(fleet: Fleet, rows: int, batch: int) -> None:
 
 def stand_in_worker(fleet: Fleet, name: str, *fixture: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.fixtures.serve",
-            *fixture,
-            "--",
-            "--model",
-            "tiny",
-            "--device",
-            "cpu",
-            "--name",
-            name,
-            "--burst",
-        ],
-        env={**fleet.env, "PYTHONPATH": ROOT},
+        fleet.stand_in_worker(*fixture, name=name),
+        env=fleet.env,
         cwd=fleet.tmp_path,
         text=True,
         stdout=subprocess.PIPE,
