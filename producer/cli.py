@@ -27,7 +27,7 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 from schemas import ledger
-from schemas.errors import CatalogueError, ConfigError, SkufleetError
+from schemas.errors import CatalogueError, ConfigError, RetryableError, SkufleetError
 from schemas.names import SCHEDULERS
 from schemas.output import OutputSpec
 from schemas.params import GenerationParams, default_params
@@ -417,6 +417,79 @@ def manifest(
                 count += 1
     if out_file:
         err.print(f"{count:,} items written to {out_file}")
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Argument(help="Only this run [every run].")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep reconciling until stopped.")] = False,
+    interval: Annotated[
+        float | None, typer.Option(help="Seconds between passes [SKUFLEET_RECONCILE_SECONDS].")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per pass.")] = False,
+) -> None:
+    """Requeue items whose lease expired or whose message was lost; fail those past the cap."""
+    from producer.publish import Publisher
+    from producer.reconcile import reconcile as reconcile_pass
+
+    settings: Settings = ctx.obj
+    with reported():
+        engine = ledger_engine(settings)
+        publisher = Publisher(settings)
+        try:
+            while True:
+                try:
+                    report = reconcile_pass(engine, publisher, settings, run)
+                except RetryableError as exc:
+                    if not watch:
+                        raise
+                    # Redis or the database is away (a restart, a failover): try next pass
+                    err.print(f"reconcile: skipped a pass: {exc}")
+                else:
+                    if as_json:
+                        print(json.dumps(report.as_dict()), flush=True)
+                    else:
+                        err.print(f"reconcile: {report}")
+                if not watch:
+                    break
+                time.sleep(interval or settings.reconcile_seconds)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            publisher.close()
+
+
+@app.command()
+def beat(ctx: typer.Context) -> None:
+    """Celery beat: send the reconciler task to the workers every SKUFLEET_RECONCILE_SECONDS.
+
+    Run exactly one per fleet (two would reconcile twice as often, harmlessly).
+    """
+    from celery import Celery
+
+    from schemas.names import TASK_RECONCILE, ops_queue
+
+    settings: Settings = ctx.obj
+    app = Celery("skufleet-beat", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        beat_schedule={
+            "reconcile": {
+                "task": TASK_RECONCILE,
+                "schedule": settings.reconcile_seconds,
+                # a pass nobody took in time is dropped: the next one does the same work
+                "options": {
+                    "queue": ops_queue(settings.queue_prefix),
+                    "expires": settings.reconcile_seconds,
+                },
+            }
+        },
+    )
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    app.Beat(loglevel="INFO", schedule=str(settings.cache_dir / "beat-schedule")).run()
 
 
 @app.command()

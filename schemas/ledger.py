@@ -557,6 +557,136 @@ def retry_run(conn: Connection, run: int, *, failed_only: bool) -> int:
     return int(retried)
 
 
+# --- reconciling -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """Items of one run and model that need a message: their ids in batches."""
+
+    run_id: int
+    model: str
+    batches: list[list[int]]
+
+
+def _batched(rows: Sequence[Any], batch_size: int) -> list[Stranded]:
+    """Rows of (id, run_id, model, width, height, steps, guidance, scheduler), grouped per
+    run and parameters into batches of at most ``batch_size``, in id order."""
+    found: dict[tuple[Any, ...], list[int]] = {}
+    for row in sorted(rows, key=lambda r: (*r[1:], r[0])):
+        found.setdefault(tuple(row[1:]), []).append(int(row[0]))
+    return [
+        Stranded(key[0], key[1], [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
+        for key, ids in found.items()
+    ]
+
+
+def expire_leases(
+    conn: Connection, max_attempts: int, batch_size: int, run: int | None = None
+) -> tuple[list[Stranded], int]:
+    """running → queued for items whose lease expired (their worker died, hung or was cut
+    off), or → failed when that was their last allowed attempt.
+
+    Returns the requeued items, to publish, and how many were failed.
+    """
+    now = utcnow()
+    spent = (Item.attempts - Item.attempts_before_retry) >= max_attempts
+    reason = sa.literal("lease expired before its worker finished: ") + sa.func.coalesce(
+        Item.worker, "unknown worker"
+    )
+    rows = conn.execute(
+        sa.update(Item)
+        .where(
+            Item.status == ItemStatus.RUNNING,
+            Item.lease_expires_at < now,
+            *([Item.run_id == run] if run is not None else []),
+        )
+        .values(
+            status=sa.case((spent, ItemStatus.FAILED.value), else_=ItemStatus.QUEUED.value),
+            last_error=reason,
+            queued_at=sa.case((spent, None), else_=now),
+            finished_at=sa.case((spent, now), else_=None),
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .returning(Item.id, Item.status)
+    ).all()
+    requeued = [int(r.id) for r in rows if r.status == ItemStatus.QUEUED.value]
+    return stranded(conn, requeued, batch_size), len(rows) - len(requeued)
+
+
+def stranded(conn: Connection, item_ids: Sequence[int], batch_size: int) -> list[Stranded]:
+    """The given items' batches, with what a message needs."""
+    rows: list[Any] = []
+    for start in range(0, len(item_ids), 5000):
+        rows += conn.execute(
+            sa.select(
+                Item.id,
+                Item.run_id,
+                Run.model,
+                Item.width,
+                Item.height,
+                Item.steps,
+                Item.guidance_scale,
+                Item.scheduler,
+            )
+            .join(Run, Run.id == Item.run_id)
+            .where(Item.id.in_(item_ids[start : start + 5000]))
+        ).all()
+    return _batched(rows, batch_size)
+
+
+def queued_models(conn: Connection, older_than: datetime, run: int | None = None) -> list[str]:
+    """Models with items queued since before ``older_than``: candidates for lost messages."""
+    return list(
+        conn.execute(
+            sa.select(Run.model)
+            .distinct()
+            .join(Item, Item.run_id == Run.id)
+            .where(
+                Item.status == ItemStatus.QUEUED,
+                Item.queued_at < older_than,
+                *([Item.run_id == run] if run is not None else []),
+            )
+        ).scalars()
+    )
+
+
+def requeue_stale(
+    conn: Connection, model: str, older_than: datetime, batch_size: int, run: int | None = None
+) -> list[Stranded]:
+    """Queued items of ``model`` waiting since before ``older_than`` (their message is
+    presumed lost): stamped queued now, so the next pass leaves them alone, and returned to
+    be published again. A duplicate message is harmless: the claim takes each item once."""
+    now = utcnow()
+    runs = sa.select(Run.id).where(Run.model == model)
+    ids = list(
+        conn.execute(
+            sa.update(Item)
+            .where(
+                Item.status == ItemStatus.QUEUED,
+                Item.queued_at < older_than,
+                Item.run_id.in_(runs),
+                *([Item.run_id == run] if run is not None else []),
+            )
+            .values(queued_at=now, updated_at=now)
+            .returning(Item.id)
+        ).scalars()
+    )
+    return stranded(conn, ids, batch_size)
+
+
+def renew(engine: Engine, item: Claim, lease_seconds: int) -> bool:
+    """Extend our lease on a running item; False if the item is no longer ours. Checked
+    before an upload, so a worker that lost its item never writes its object."""
+    now = utcnow()
+    return _fenced_update(
+        engine,
+        item,
+        {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now},
+    )
+
+
 # --- reading ------------------------------------------------------------------------------
 
 

@@ -36,12 +36,19 @@ class Settings(BaseSettings):
     """Prefix of every queue name, so that several fleets can share one Redis."""
     max_attempts: int = Field(default=3, ge=1, le=100)
     """Renders an item may start before it is failed for good."""
-    lease_seconds: int = Field(default=900, ge=10)
-    """How long a claimed item belongs to its worker before the reconciler may take it back."""
-    visibility_timeout: int = Field(default=7200, ge=60)
-    """Seconds Redis waits for an ack before redelivering a message; above the longest batch."""
+    lease_seconds: int = Field(default=900, ge=1)
+    """How long a claimed item belongs to its worker: the longest a batch may take. Past it,
+    the reconciler hands the item to another worker and the first one's result is refused."""
+    visibility_timeout: int = Field(default=7200, ge=1)
+    """Seconds Redis waits for an ack before redelivering a message; a worker refuses to start
+    unless it is above the lease."""
     retry_backoff_seconds: float = Field(default=5.0, ge=0)
     """First retry delay of a failed batch; doubles with every attempt."""
+    reconcile_seconds: float = Field(default=60.0, gt=0)
+    """How often the reconciler (beat task or ``skufleet reconcile --watch``) runs."""
+    lost_after_seconds: int = Field(default=900, ge=1)
+    """A queued item whose queue has been empty this long lost its message (a broker restart,
+    a flush) and is published again."""
     cache_dir: Path = Path.home() / ".cache" / "skufleet"
     """Where the built-in ``tiny`` pipeline is written once and loaded from."""
 

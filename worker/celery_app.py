@@ -45,6 +45,10 @@ def create_app(settings: Settings) -> Celery:
         # A worker outlives broker restarts: keep reconnecting, at start and later.
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # When the broker connection drops, running tasks' messages go back to the queue;
+        # cancel such tasks where the pool can, rather than finish work another worker has.
+        # (The ledger's attempt fence refuses a stale finish in any case.)
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         # Task events feed Flower's live view of every GPU.
         worker_send_task_events=True,
         task_send_sent_event=True,

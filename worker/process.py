@@ -21,13 +21,13 @@ from celery import signals
 
 from schemas import ledger
 from schemas.errors import FatalError, RetryableError, SkufleetError
-from schemas.names import render_queue
+from schemas.names import ops_queue, render_queue
 from schemas.settings import Settings
 from worker.celery_app import burst_step, create_app
 from worker.pipeline import ImageModel, Pipeline, PipelineOptions
 from worker.render import Renderer
 from worker.storage import Storage
-from worker.tasks import EXIT_DEVICE_FAILED, make_requeue, register_render
+from worker.tasks import EXIT_DEVICE_FAILED, make_requeue, register_reconcile, register_render
 
 log = logging.getLogger("skufleet.worker")
 
@@ -88,6 +88,16 @@ def serve(
     ``load(model, device, cache_dir, options)`` builds the pipeline; tests pass stand-ins.
     """
     hostname = f"{name}@{socket.gethostname()}"
+    if settings.lease_seconds >= settings.visibility_timeout:
+        log.critical(
+            "%s refuses to start: SKUFLEET_LEASE_SECONDS (%d, the longest a batch may hold its "
+            "items) must be below SKUFLEET_VISIBILITY_TIMEOUT (%d), or Redis hands a batch still "
+            "rendering to a second worker",
+            hostname,
+            settings.lease_seconds,
+            settings.visibility_timeout,
+        )
+        return EXIT_CONFIG
     try:
         # 1. the ledger is reachable and at this code's schema
         engine = ledger.create_engine(settings.database_url)
@@ -112,6 +122,7 @@ def serve(
     app = create_app(settings)
     renderer = Renderer(settings, engine, pipeline, storage, hostname, make_requeue(app, queue))
     register_render(app, renderer)
+    register_reconcile(app, settings)
     if burst:
         app.steps["consumer"].add(burst_step(renderer.busy))
     log.info("%s ready on %s, consuming %s", hostname, pipeline.describe_device(), queue)
@@ -119,7 +130,7 @@ def serve(
         "worker",
         "--pool=threads",  # torch releases the GIL; the main thread keeps heartbeats flowing
         "--concurrency=1",  # one batch at a time per device
-        f"--queues={queue}",
+        f"--queues={queue},{ops_queue(settings.queue_prefix)}",
         f"--hostname={hostname}",
         f"--loglevel={loglevel}",
         "--without-mingle",  # no revokes or clocks to sync at start; starts faster

@@ -28,7 +28,14 @@ from PIL import Image
 from sqlalchemy.engine import Engine
 
 from schemas import ledger
-from schemas.errors import DeviceError, FatalError, ItemError, RetryableError, SkufleetError
+from schemas.errors import (
+    DeviceError,
+    FatalError,
+    ItemError,
+    LedgerUnavailable,
+    RetryableError,
+    SkufleetError,
+)
 from schemas.key import object_key
 from schemas.output import OutputSpec
 from schemas.params import GenerationParams, RenderPayload
@@ -52,6 +59,19 @@ def backoff(base: float, attempt: int) -> float:
     """Seconds before retry ``attempt + 1``: doubling from ``base``, capped, ±20% jitter."""
     delay = min(MAX_BACKOFF_SECONDS, base * 2 ** max(0, attempt - 1))
     return delay * random.uniform(0.8, 1.2)
+
+
+def _with_retries(write: Callable[[], bool], tries: int = 4) -> bool:
+    """A ledger write retried through a short outage (a dropped connection, a failover):
+    the pool replaces dead connections, so the next try usually goes through."""
+    for attempt in range(tries):
+        try:
+            return write()
+        except LedgerUnavailable:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    return False
 
 
 def describe_error(exc: BaseException) -> str:
@@ -273,22 +293,28 @@ class Renderer:
             digest = hashlib.sha256(encoded.body).hexdigest()
             encode = time.perf_counter() - started
             key = object_key(run, claim.sku, claim.shot, encoded.extension)
+            # the item must still be ours before its object is written: a worker that lost
+            # it (its lease expired and another attempt took over) or that cannot reach the
+            # ledger never uploads
+            if not ledger.renew(self.engine, claim, self.settings.lease_seconds):
+                log.warning(
+                    "item %s is no longer ours (attempt %s is stale); not uploaded",
+                    claim.id,
+                    claim.attempt,
+                )
+                return
             self.storage.put(
                 key,
                 encoded.body,
                 sha256_hex=digest,
                 content_type=encoded.content_type,
-                metadata={
-                    # S3 metadata is ASCII: SKU and shot are percent-encoded
-                    "sku": quote(claim.sku, safe=""),
-                    "shot": quote(claim.shot, safe=""),
-                    "seed": str(claim.seed),
-                    "model": quote(self.pipeline.model, safe="/"),
-                    "prompt-sha256": hashlib.sha256(claim.prompt.encode()).hexdigest(),
-                },
+                metadata=self._object_metadata(claim),
             )
             upload = time.perf_counter() - started - encode
-            if not ledger.finish(self.engine, claim, key, len(encoded.body), digest, seconds):
+            finished = _with_retries(
+                lambda: ledger.finish(self.engine, claim, key, len(encoded.body), digest, seconds)
+            )
+            if not finished:
                 log.warning(
                     "item %s was taken over (attempt %s is stale); result discarded",
                     claim.id,
@@ -302,6 +328,16 @@ class Renderer:
             self._fail(payload, [claim], exc, Outcome(), retry=True, one_per_message=True)
         finally:
             report.add(encode, upload)
+
+    def _object_metadata(self, claim: ledger.Claim) -> dict[str, str]:
+        """S3 user metadata, which is ASCII: SKU, shot and model are percent-encoded."""
+        return {
+            "sku": quote(claim.sku, safe=""),
+            "shot": quote(claim.shot, safe=""),
+            "seed": str(claim.seed),
+            "model": quote(self.pipeline.model, safe="/"),
+            "prompt-sha256": hashlib.sha256(claim.prompt.encode()).hexdigest(),
+        }
 
     def _metadata(self, claim: ledger.Claim) -> dict[str, str]:
         return {

@@ -9,10 +9,11 @@ from celery import Celery, Task
 from celery.worker import state
 from pydantic import ValidationError
 
-from schemas.errors import ItemError
-from schemas.names import TASK_RENDER
+from schemas.errors import ItemError, RetryableError
+from schemas.names import TASK_RECONCILE, TASK_RENDER
 from schemas.params import RenderPayload
-from worker.render import Renderer, Requeue
+from schemas.settings import Settings
+from worker.render import Renderer, Requeue, backoff
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ def register_render(app: Celery, renderer: Renderer) -> Task:
         except ItemError as exc:
             log.error("dropping message: %s", exc)
             return {}
+        except RetryableError as exc:
+            # the ledger could not be reached to claim: the same message, a little later
+            delay = backoff(renderer.settings.retry_backoff_seconds, self.request.retries + 1)
+            log.warning("cannot claim now (%s); retrying the message in %.1fs", exc, delay)
+            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
         if outcome.fatal is not None:
             # The device cannot go on: its items are back on the queue; stop consuming and
             # exit non-zero, so that the supervisor sees it.
@@ -64,3 +70,25 @@ def register_render(app: Celery, renderer: Renderer) -> Task:
         return {"claimed": outcome.claimed, "drawn": outcome.drawn}
 
     return render
+
+
+def register_reconcile(app: Celery, settings: Settings) -> Task:
+    """Register ``skufleet.reconcile``, the beat-driven reconciler pass (``skufleet beat``)."""
+
+    @app.task(name=TASK_RECONCILE)
+    def reconcile() -> dict[str, int]:
+        from producer.publish import Publisher
+        from producer.reconcile import reconcile as reconcile_pass
+        from schemas import ledger
+
+        publisher = Publisher(settings)
+        engine = ledger.create_engine(settings.database_url)
+        try:
+            report = reconcile_pass(engine, publisher, settings)
+        finally:
+            publisher.close()
+            engine.dispose()
+        log.info("reconcile: %s", report)
+        return report.as_dict()
+
+    return reconcile

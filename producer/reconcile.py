@@ -1,0 +1,88 @@
+"""The reconciler: the ledger is the truth, Redis only carries it; this puts them in step.
+
+One pass:
+
+1. items whose lease expired (their worker died, hung, or lost its connection) go back to
+   queued and get a message each, or are failed for good when that was their last attempt;
+2. items queued for longer than ``SKUFLEET_LOST_AFTER_SECONDS`` while their model's queue is
+   empty lost their message (a broker restart without persistence, a flush) and get a new
+   one. A duplicate is harmless: each item is claimed once.
+
+Run by ``skufleet reconcile [NAME] [--watch]`` and by the ``skufleet.reconcile`` beat task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+from sqlalchemy.engine import Engine
+
+from producer.publish import Publisher
+from schemas import ledger
+from schemas.names import render_queue
+from schemas.params import RenderPayload
+from schemas.settings import Settings
+
+BATCH_SIZE = 8
+"""Items per message when the reconciler publishes."""
+
+
+@dataclass
+class ReconcileReport:
+    expired: int = 0
+    """Items whose lease expired, queued again."""
+    dead_lettered: int = 0
+    """Items whose lease expired on their last allowed attempt, failed for good."""
+    republished: int = 0
+    """Queued items whose message was presumed lost, published again."""
+    messages: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.expired} expired leases requeued, {self.dead_lettered} dead-lettered, "
+            f"{self.republished} lost messages republished ({self.messages} messages)"
+        )
+
+
+def _publish(publisher: Publisher, prefix: str, found: list[ledger.Stranded]) -> int:
+    messages = 0
+    for group in found:
+        payloads = [
+            RenderPayload(run_id=group.run_id, model=group.model, item_ids=ids)
+            for ids in group.batches
+        ]
+        publisher.publish(render_queue(prefix, group.model), payloads)
+        messages += len(payloads)
+    return messages
+
+
+def reconcile(
+    engine: Engine, publisher: Publisher, settings: Settings, run: str | None = None
+) -> ReconcileReport:
+    """One reconciler pass over every run, or over run ``run``."""
+    report = ReconcileReport()
+    with engine.begin() as conn:
+        run_id = ledger.run_id(conn, run) if run is not None else None
+        # one item per message: if the batch killed its worker, the culprit dies alone next
+        # time and its batch mates go through, as with a batch that failed as a whole
+        expired, report.dead_lettered = ledger.expire_leases(
+            conn, settings.max_attempts, 1, run_id
+        )
+    report.expired = sum(len(ids) for group in expired for ids in group.batches)
+    report.messages += _publish(publisher, settings.queue_prefix, expired)
+
+    older = ledger.utcnow() - timedelta(seconds=settings.lost_after_seconds)
+    with engine.connect() as conn:
+        models = ledger.queued_models(conn, older, run_id)
+    for model in models:
+        if publisher.queue_length(render_queue(settings.queue_prefix, model)):
+            continue  # messages are waiting: the queue is alive, nothing is known lost
+        with engine.begin() as conn:
+            lost = ledger.requeue_stale(conn, model, older, BATCH_SIZE, run_id)
+        report.republished += sum(len(ids) for group in lost for ids in group.batches)
+        report.messages += _publish(publisher, settings.queue_prefix, lost)
+    return report
