@@ -56,6 +56,8 @@ class Figures:
     fault_free_seconds: float
     recovery_seconds: float
     """From the last fault to the end of the run."""
+    recovery_budget_seconds: float
+    """I5: the run must end within fault_free_seconds plus this."""
     notes: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> str:
@@ -148,6 +150,14 @@ class FaultFleet:
 
     def log(self, name: str) -> str:
         return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def reconciled(self, field: str) -> int:
+        """Total of one field over the reconciler's passes so far (its JSON lines)."""
+        total = 0
+        for line in self.log("reconciler").splitlines():
+            if line.startswith("{"):
+                total += int(json.loads(line).get(field, 0))
+        return total
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(
@@ -292,11 +302,13 @@ class FaultFleet:
         seconds: float,
         last_fault: float,
         fault_free: float,
+        budget: float,
         dead_lettered: int = 0,
         max_attempts: int = 5,
         **notes: Any,
     ) -> Figures:
-        """Check I1-I4 (I5 is the scenario's time budget) and return the figures."""
+        """Check I1-I5 and return the figures. ``budget`` is the recovery time the scenario
+        allows on top of the fault-free time (I5)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(
@@ -330,6 +342,8 @@ class FaultFleet:
         extra = sum(r.attempts for r in rows) - len(rows)
         bound = faults * 2 * self.batch_size + dead_lettered * max_attempts
         assert extra <= bound, f"{extra} renders beyond one per item, bound {bound}"
+        # I5 liveness: done within the fault-free time plus the stated recovery budget
+        assert seconds <= fault_free + budget, f"{seconds:.1f}s > {fault_free:.1f}s + {budget}s"
         return Figures(
             scenario=scenario,
             items=len(rows),
@@ -342,5 +356,6 @@ class FaultFleet:
             seconds=round(seconds, 1),
             fault_free_seconds=round(fault_free, 1),
             recovery_seconds=round(max(0.0, seconds - last_fault), 1),
+            recovery_budget_seconds=budget,
             notes=notes,
         )

@@ -78,6 +78,7 @@ def test_killed_workers_lose_and_duplicate_nothing(
         seconds = fleet.wait_done(600 if FULL else 240, tick)
         figures = fleet.invariants(
             "worker killed",
+            budget=START_UP + 25 * kills_wanted,
             faults=int(state["kills"]),
             seconds=seconds,
             last_fault=state["last"],
@@ -85,7 +86,6 @@ def test_killed_workers_lose_and_duplicate_nothing(
         )
     figures.report()
     assert figures.succeeded == ITEMS and figures.faults == kills_wanted
-    assert seconds <= START_UP + figures.fault_free_seconds + figures.faults * 25
 
 
 def test_a_poison_item_that_kills_its_worker_is_dead_lettered(
@@ -111,6 +111,7 @@ def test_a_poison_item_that_kills_its_worker_is_dead_lettered(
         seconds = fleet.wait_done(240, tick)
         figures = fleet.invariants(
             "poison item",
+            budget=START_UP + 3 * 15,
             faults=deaths["n"],
             seconds=seconds,
             last_fault=seconds,
@@ -152,6 +153,7 @@ def test_sigterm_on_every_worker_leaves_nothing_to_expire(fleet_args: dict[str, 
         seconds = fleet.wait_done(300, tick)
         figures = fleet.invariants(
             "graceful stop",
+            budget=2 * START_UP,
             faults=0,
             seconds=seconds,
             last_fault=float(state["at"]),
@@ -167,37 +169,44 @@ def test_sigterm_on_every_worker_leaves_nothing_to_expire(fleet_args: dict[str, 
 
 @pytest.mark.parametrize("appendonly", [False, True], ids=["no-persistence", "append-only"])
 def test_redis_restarts_lose_nothing(fleet_args: dict[str, object], appendonly: bool) -> None:
-    """Kill and restart the broker during the run: the workers reconnect by themselves, and
-    messages lost with an unpersisted Redis are recovered from the ledger."""
+    """Kill and restart the broker twice during the run: the workers reconnect by themselves,
+    and the messages an unpersisted Redis lost are recovered from the ledger."""
     restarts_wanted = 2
+    sleep = 1.0
     with FaultFleet(
         **fleet_args,
         workers=2,
         appendonly=appendonly,  # type: ignore[arg-type]
         lost_after=3,
+        fixture=("--fixture", "standin", "--sleep", str(sleep)),
     ) as fleet:
         fleet.enqueue(titles(ITEMS), BATCH)
         state = {"restarts": 0, "last": 0.0}
 
         def tick(elapsed: float) -> None:
-            if (
-                state["restarts"] < restarts_wanted
-                and fleet.counts()["succeeded"] >= (state["restarts"] + 1) * ITEMS // 4
+            done = fleet.counts()["succeeded"]
+            if state["restarts"] < restarts_wanted and done >= (1 + 2 * state["restarts"]) * (
+                ITEMS // 5
             ):
                 fleet.restart_redis()
                 state.update(restarts=state["restarts"] + 1, last=elapsed)
 
         seconds = fleet.wait_done(300 if not FULL else 900, tick)
+        republished = fleet.reconciled("republished")
         figures = fleet.invariants(
             f"redis restart ({'append-only' if appendonly else 'no persistence'})",
+            budget=START_UP + 15 * restarts_wanted,
             faults=int(state["restarts"]) * 2,
             seconds=seconds,
             last_fault=float(state["last"]),
-            fault_free=fault_free(ITEMS, 2),
+            fault_free=ITEMS / BATCH * sleep / 2,
             redis_restarts=state["restarts"],
+            republished_from_ledger=republished,
         )
     figures.report()
     assert figures.succeeded == ITEMS and state["restarts"] == restarts_wanted
+    if not appendonly:
+        assert republished > 0  # the lost messages came back from the ledger
 
 
 def test_a_batch_that_outlives_its_lease_and_visibility_timeout(
@@ -217,6 +226,7 @@ def test_a_batch_that_outlives_its_lease_and_visibility_timeout(
         seconds = fleet.wait_done(240)
         figures = fleet.invariants(
             "long batch",
+            budget=START_UP + 9 + 10,
             faults=2,
             seconds=seconds,
             last_fault=9.0,
@@ -235,16 +245,20 @@ def test_flaky_storage_still_stores_every_image_intact(
     succeeds and every object matches its recorded sha256 (no partial or corrupt object)."""
     proxy = FlakyS3Proxy(s3.port, fail_rate=0.2, drop_rate=0.05, seed=7).start()
     try:
+        # boto3 retries each PUT with backoff: the lease must cover a slow store
         with FaultFleet(
             **fleet_args,
-            workers=2,  # type: ignore[arg-type]
+            workers=2,
+            lease=30,
+            visibility=60,  # type: ignore[arg-type]
             s3_endpoint=proxy.endpoint_url,
         ) as fleet:
             fleet.enqueue(titles(ITEMS), BATCH)
             seconds = fleet.wait_done(300 if not FULL else 900)
             figures = fleet.invariants(
                 "flaky storage",
-                faults=0,
+                budget=START_UP + (600 if FULL else 120),
+                faults=proxy.failed + proxy.dropped,
                 seconds=seconds,
                 last_fault=seconds,
                 fault_free=fault_free(ITEMS, 2),
@@ -260,28 +274,42 @@ def test_flaky_storage_still_stores_every_image_intact(
 
 
 def test_dropped_database_connections_recover(fleet_args: dict[str, object]) -> None:
-    """Terminate every connection of the workers and the reconciler, repeatedly: the pools
-    reconnect and no item stays running beyond its lease and one reconciler pass."""
-    with FaultFleet(**fleet_args, workers=2, lease=4) as fleet:  # type: ignore[arg-type]
+    """Terminate every connection of the workers and the reconciler, again and again during
+    the run: the pools reconnect and no item stays running beyond its lease and one
+    reconciler pass."""
+    sleep = 1.0
+    rounds_wanted = 10 if FULL else 4
+    with FaultFleet(
+        **fleet_args,
+        workers=2,
+        lease=6,  # type: ignore[arg-type]
+        fixture=("--fixture", "standin", "--sleep", str(sleep)),
+    ) as fleet:
         fleet.enqueue(titles(ITEMS), BATCH)
-        state = {"rounds": 0, "terminated": 0, "next": START_UP, "last": 0.0}
+        state = {"rounds": 0, "terminated": 0, "next": 0.0, "last": 0.0}
 
         def tick(elapsed: float) -> None:
-            if state["rounds"] < (10 if FULL else 4) and elapsed >= state["next"]:
+            if (
+                state["rounds"] < rounds_wanted
+                and elapsed >= state["next"]
+                and fleet.counts()["running"] > 0
+            ):
                 state["terminated"] += fleet.terminate_connections()
-                state.update(rounds=state["rounds"] + 1, last=elapsed, next=elapsed + 2.0)
+                state.update(rounds=state["rounds"] + 1, last=elapsed, next=elapsed + 1.5)
 
-        seconds = fleet.wait_done(300, tick)
+        seconds = fleet.wait_done(300 if not FULL else 900, tick)
         figures = fleet.invariants(
             "database drop",
+            budget=START_UP + 10 * rounds_wanted,
             faults=int(state["rounds"]) * 2,
             seconds=seconds,
             last_fault=float(state["last"]),
-            fault_free=fault_free(ITEMS, 2),
+            fault_free=ITEMS / BATCH * sleep / 2,
             connections_terminated=state["terminated"],
         )
     figures.report()
-    assert figures.succeeded == ITEMS and state["terminated"] > 0
+    assert figures.succeeded == ITEMS and state["rounds"] == rounds_wanted
+    assert state["terminated"] > 0
 
 
 @pytest.fixture
