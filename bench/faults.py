@@ -43,10 +43,10 @@ def main() -> int:
         capture_output=True,
         text=True,
     )
-    figures = [
-        json.loads(line.split("FAULTS ", 1)[1])
-        for line in result.stdout.splitlines()
-        if line.startswith("FAULTS ")
+    lines = result.stdout.splitlines()
+    figures = [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("FAULTS ")]
+    catalogue = [
+        json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("FAULTS-CATALOGUE ")
     ]
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     record = {
@@ -55,6 +55,7 @@ def main() -> int:
         "pytest": summary,
         "passed": result.returncode == 0,
         "scenarios": figures,
+        "catalogue": catalogue[0] if catalogue else None,
     }
     out = ROOT / "bench" / "results" / f"faults-{datetime.now(UTC):%Y-%m-%d}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
@@ -70,6 +71,12 @@ def main() -> int:
             f"| {f['scenario']} | {f['items']} | {f['succeeded']} | {f['failed']} | "
             f"{f['faults']} | {f['extra_renders']} ({f['extra_bound']}) | {f['seconds']} "
             f"({f['fault_free_seconds']}) | {f['recovery_seconds']} |"
+        )
+    for entry in catalogue:
+        print(
+            f"\nbad catalogue: {entry['read']:,} records read, {entry['accepted']:,} "
+            f"accepted, {entry['rejected']:,} rejected, {entry['duplicates']:,} duplicates "
+            f"({entry['reasons']})"
         )
     if result.returncode != 0:
         print(result.stdout[-5000:], result.stderr[-3000:], file=sys.stderr)

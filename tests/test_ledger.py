@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -168,6 +169,47 @@ def test_cancel_stops_open_items_and_retry_brings_back_failed_and_cancelled(
     again = ledger.claim(engine, ids[:1], "w", "cpu", 60)[0]
     assert (again.attempt, again.attempts_before_retry) == (2, 1)
     assert again.may_retry(max_attempts=2) and not again.may_retry(max_attempts=1)
+
+
+def test_expired_leases_are_requeued_or_dead_lettered_at_the_cap(engine: sa.Engine) -> None:
+    """A running item whose lease passed goes back to queued with the reason, or fails for
+    good if that was its last attempt; live leases are left alone."""
+    ids = add_run(engine, 3)
+    first, second, live = (ledger.claim(engine, [i], "w@dead", "cpu", 60)[0] for i in ids)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(Item)
+            .where(Item.id.in_(ids[:2]))
+            .values(lease_expires_at=ledger.utcnow() - timedelta(seconds=1))
+        )
+        conn.execute(sa.update(Item).where(Item.id == ids[1]).values(attempts_before_retry=-2))
+        requeued, dead = ledger.expire_leases(conn, max_attempts=3, batch_size=1)
+    assert dead == 1  # ids[1]: attempt 1 counts as 3 since its last retry
+    assert [group.batches for group in requeued] == [[[ids[0]]]]
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(sa.select(Item))}
+    assert rows[ids[0]].status == "queued" and "lease expired" in rows[ids[0]].last_error
+    assert "w@dead" in rows[ids[0]].last_error
+    assert rows[ids[1]].status == "failed" and rows[ids[2]].status == "running"
+    assert not ledger.finish(engine, first, "k", 1, "0" * 64, 0.1)  # the fence holds
+    assert ledger.renew(engine, live, 60) and not ledger.renew(engine, second, 60)
+
+
+def test_stale_queued_items_are_restamped_and_returned_for_publishing(engine: sa.Engine) -> None:
+    """Queued items older than the threshold are returned in batches, once: the stamp makes
+    the next pass leave them alone."""
+    ids = add_run(engine, 5)
+    older = ledger.utcnow() + timedelta(seconds=1)
+    with engine.begin() as conn:
+        assert ledger.queued_models(conn, older) == ["tiny"]
+        found = ledger.requeue_stale(conn, "tiny", older, batch_size=2)
+    assert [sorted(b) for g in found for b in g.batches] == [
+        sorted(ids[:2]),
+        sorted(ids[2:4]),
+        [ids[4]],
+    ]
+    with engine.begin() as conn:
+        assert ledger.requeue_stale(conn, "tiny", ledger.utcnow() - timedelta(seconds=30), 2) == []
 
 
 def test_missing_tables_are_reported_plainly(database_url: str) -> None:

@@ -6,6 +6,7 @@ Each test prints a ``FAULTS {...}`` line with its figures. The CI runs the short
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 
 from producer.services import LocalS3, wait_until
 from schemas.tables import Item, ItemStatus
-from tests.faults.harness import FULL, FaultFleet
+from tests.faults.harness import FULL, RESULTS, FaultFleet
 from tests.faults.proxy import FlakyS3Proxy
 from tests.fixtures.pipelines import KILL
 
@@ -395,7 +396,13 @@ def test_a_large_bad_catalogue_is_accounted_record_by_record(tmp_path: Path) -> 
     assert rejects == expected
     assert tally.read == records
     assert tally.accepted + tally.rejected + tally.duplicates == tally.read
-    print(
-        f"\nFAULTS-CATALOGUE read {tally.read} accepted {tally.accepted} rejected "
-        f"{tally.rejected} duplicates {tally.duplicates} reasons {tally.reasons}"
-    )
+    figures = {
+        "scenario": "bad catalogue",
+        "read": tally.read,
+        "accepted": tally.accepted,
+        "rejected": tally.rejected,
+        "duplicates": tally.duplicates,
+        "reasons": tally.reasons,
+    }
+    RESULTS.append(figures)
+    print(f"\nFAULTS-CATALOGUE {json.dumps(figures)}")

@@ -1,4 +1,5 @@
-"""Real worker processes: heartbeats during a long batch, and a device taken out of rotation."""
+"""Real worker processes: heartbeats during a long batch, a device taken out of rotation,
+and the beat-driven reconciler."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -136,3 +139,49 @@ def test_a_device_out_of_memory_for_one_image_leaves_the_rotation(fleet: Fleet) 
         found = list(session.scalars(sa.select(Item)))
     assert {i.status for i in found} == {ItemStatus.QUEUED}
     assert all(i.attempts - i.attempts_before_retry == 0 for i in found)
+
+
+def test_beat_runs_the_reconciler_on_the_workers(fleet: Fleet) -> None:
+    """`skufleet beat` sends `skufleet.reconcile` to the ops queue every
+    SKUFLEET_RECONCILE_SECONDS; a worker runs it and items stranded by a dead worker (running
+    with an expired lease) are queued again and rendered."""
+    enqueue(fleet, rows=2, batch=2)
+    with Session(fleet.engine()) as session, session.begin():
+        session.execute(
+            sa.update(Item).values(
+                status=ItemStatus.RUNNING,
+                attempts=1,
+                worker="gone@nowhere",
+                lease_expires_at=datetime(2000, 1, 1, tzinfo=UTC),
+            )
+        )
+    fleet.env["SKUFLEET_RECONCILE_SECONDS"] = "1"
+    beat = subprocess.Popen(
+        [str(Path(sys.executable).parent / "skufleet"), "beat"],
+        env=fleet.env,
+        cwd=fleet.tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [*fleet.stand_in_worker("--fixture", "standin", name=f"beat{secrets.token_hex(3)}")][:-1],
+        env=fleet.env,
+        cwd=fleet.tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(
+            lambda: statuses(fleet) == ["succeeded", "succeeded"],
+            90,
+            "the reconciler to requeue the stranded items",
+        )
+    finally:
+        for process in (beat, worker):
+            process.kill()
+    output = worker.communicate()[0]
+    assert "skufleet.reconcile" in output and "2 expired leases requeued" in output
+    with Session(fleet.engine()) as session:
+        attempts = list(session.scalars(sa.select(Item.attempts)))
+    assert attempts == [2, 2]
