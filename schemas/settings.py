@@ -8,8 +8,9 @@ copied into an object that might be logged.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -49,10 +50,30 @@ class Settings(BaseSettings):
     lost_after_seconds: int = Field(default=900, ge=1)
     """A queued item whose queue has been empty this long lost its message (a broker restart,
     a flush) and is published again."""
+    flower_basic_auth: SecretStr | None = None
+    """``user:password[,user:password]`` for Flower; ``skufleet flower`` refuses to start
+    without it unless bound to the loopback address."""
+    webhook_url: str | None = None
+    """Called (POST, JSON) with a run's totals when its last item is done."""
     cache_dir: Path = Path.home() / ".cache" / "skufleet"
     """Where the built-in ``tiny`` pipeline is written once and loaded from."""
 
-    @field_validator("s3_endpoint_url", mode="before")
+    @field_validator("s3_endpoint_url", "webhook_url", "flower_basic_auth", mode="before")
     @classmethod
-    def _empty_endpoint_means_aws(cls, value: object) -> object:
+    def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    def s3_client_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(client keyword arguments, botocore Config keyword arguments)`` for boto3, so
+        every process builds its S3 client the same way without this module importing boto3."""
+        return (
+            {"endpoint_url": self.s3_endpoint_url, "region_name": self.s3_region},
+            {
+                # standard mode retries throttling, 5xx and dropped connections with backoff
+                "retries": {"mode": "standard", "max_attempts": self.s3_max_attempts},
+                "connect_timeout": 5,
+                "read_timeout": 60,
+                # S3-compatible servers (MinIO, SeaweedFS) are addressed by path, not DNS
+                "s3": {"addressing_style": "path" if self.s3_endpoint_url else "auto"},
+            },
+        )

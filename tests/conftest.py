@@ -158,14 +158,25 @@ class Fleet:
         return ledger.create_engine(self.env["SKUFLEET_DATABASE_URL"])
 
     def objects(self, prefix: str) -> dict[str, dict[str, Any]]:
-        """Every object under ``prefix``: key → list entry."""
+        """Every image under ``prefix`` (the run's manifest aside): key → list entry."""
         client = self.s3.client()
         found: dict[str, dict[str, Any]] = {}
         for page in client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=prefix
         ):
-            found.update({entry["Key"]: entry for entry in page.get("Contents", [])})
+            found.update(
+                {
+                    entry["Key"]: entry
+                    for entry in page.get("Contents", [])
+                    if not entry["Key"].endswith("/manifest.jsonl")
+                }
+            )
         return found
+
+    def manifest(self, run: str) -> list[dict[str, Any]]:
+        """The manifest the run's completion wrote to the bucket."""
+        body, _ = self.read_object(f"{run}/manifest.jsonl")
+        return [json.loads(line) for line in body.decode().splitlines()]
 
     def read_object(self, key: str) -> tuple[bytes, dict[str, Any]]:
         response = self.s3.client().get_object(Bucket=self.bucket, Key=key)

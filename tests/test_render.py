@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import secrets
 import threading
 import time
@@ -109,7 +110,13 @@ def test_a_message_is_rendered_once_and_a_duplicate_is_skipped(
     assert {i.status for i in found} == {ItemStatus.SUCCEEDED}
     assert all(i.worker == "w@test" and i.device == "stand-in" for i in found)
     listed = worker.storage.client.list_objects_v2(Bucket=settings.s3_bucket)["Contents"]
-    assert sorted(o["Key"] for o in listed) == sorted(i.object_key for i in found)
+    images = sorted(o["Key"] for o in listed if not o["Key"].endswith("/manifest.jsonl"))
+    assert images == sorted(i.object_key for i in found)
+    # the batch finished the run: its manifest went to the bucket, one line per item
+    manifest = worker.storage.client.get_object(
+        Bucket=settings.s3_bucket, Key="render/manifest.jsonl"
+    )["Body"].read()
+    assert sorted(json.loads(line)["key"] for line in manifest.decode().splitlines()) == images
     assert all(i.object_key.startswith("render/SKU-") for i in found)  # "/" never reaches a key
 
 
@@ -211,7 +218,7 @@ def test_a_flagged_image_is_recorded_and_never_uploaded(
     assert all(i.status is ItemStatus.FAILED and i.flagged and i.object_key is None for i in found)
     assert "safety checker" in (found[0].last_error or "") and not requeued
     listed = worker.storage.client.list_objects_v2(Bucket=settings.s3_bucket)
-    assert listed["KeyCount"] == 0
+    assert [o["Key"] for o in listed.get("Contents", [])] == ["render/manifest.jsonl"]
 
 
 def test_an_unreachable_bucket_requeues_the_items_with_the_error(

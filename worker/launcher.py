@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         "--burst", action="store_true", help="exit 0 once the queue is empty and nothing is running"
     )
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus metrics: device n serves them on this port plus n",
+    )
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -134,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     model = args.model or settings.model
     children: dict[str, subprocess.Popen[bytes]] = {}
-    for slot in slots:
+    for index, slot in enumerate(slots):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot.visible}
+        flags = pipeline_flags(args)
+        if args.metrics_port:
+            flags += ["--metrics-port", str(args.metrics_port + index)]
         children[slot.name] = subprocess.Popen(
-            child_command(slot, model, args.burst, args.loglevel, pipeline_flags(args)), env=env
+            child_command(slot, model, args.burst, args.loglevel, flags), env=env
         )
         log.info(
             "started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r, model %s)",

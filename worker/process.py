@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None, load: Loader = Pipeline.load) -> int:
     parser.add_argument("--name", required=True, help="worker name, e.g. gpu0 or cpu")
     parser.add_argument("--burst", action="store_true")
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None, load: Loader = Pipeline.load) -> int:
     except ValueError as exc:
         log.critical("invalid SKUFLEET_* setting: %s", exc)
         return EXIT_CONFIG
+    if args.metrics_port:
+        from worker import metrics
+
+        metrics.serve(args.metrics_port)
     return serve(
         settings,
         args.model,

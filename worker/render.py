@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from sqlalchemy.engine import Engine
 
+from producer import downstream
+from producer.bucket import Bucket
 from schemas import ledger
 from schemas.errors import (
     DeviceError,
@@ -41,6 +43,7 @@ from schemas.output import OutputSpec
 from schemas.params import GenerationParams, RenderPayload
 from schemas.settings import Settings
 from schemas.tables import ItemStatus
+from worker import metrics
 from worker.handoff import Handoff
 from worker.pipeline import Batch, ImageModel, Job
 from worker.postprocess import process
@@ -102,6 +105,7 @@ class _BatchLog:
     encode: float = 0.0
     upload: float = 0.0
     remaining: int = 0
+    on_done: Callable[[], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, encode: float, upload: float) -> None:
@@ -110,6 +114,8 @@ class _BatchLog:
             self.upload += upload
             self.remaining -= 1
             last = self.remaining == 0
+        if last and self.on_done is not None:
+            self.on_done()
         if last:
             stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.drawn.items() if v >= 0.005)
             log.info(
@@ -145,6 +151,7 @@ class Renderer:
         self.worker_name = worker_name
         self.requeue = requeue
         self.handoff = handoff or Handoff()
+        self.bucket = Bucket(settings)
         self.device = pipeline.describe_device()
         self.batch_limit: int | None = None
         """Largest batch that fits the device, learnt from out-of-memory errors."""
@@ -214,7 +221,14 @@ class Renderer:
         self._account(started, batch)
 
         # 3. encode, upload and record each image in the background
-        report = _BatchLog(run, len(claims), batch.seconds, self.gpu_busy, remaining=len(claims))
+        report = _BatchLog(
+            run,
+            len(claims),
+            batch.seconds,
+            self.gpu_busy,
+            remaining=len(claims),
+            on_done=functools.partial(self._complete, payload.run_id),
+        )
         seconds_per_item = (time.perf_counter() - started) / len(claims)
         for claim, pixels, flagged in zip(claims, batch.images, batch.flagged, strict=True):
             self.handoff.submit(
@@ -235,6 +249,13 @@ class Renderer:
         if self._first_draw is None:
             self._first_draw = started
         self._gpu_seconds += sum(batch.seconds.values())
+        device = getattr(self.pipeline, "device", None)
+        metrics.observe_batch(
+            len(batch.images),
+            batch.seconds,
+            self.gpu_busy,
+            device if isinstance(device, torch.device) else torch.device("cpu"),
+        )
 
     def _draw(self, jobs: Sequence[Job], params: GenerationParams) -> Batch:
         """Draw in batches the device can hold; halve on out-of-memory and remember it."""
@@ -328,6 +349,16 @@ class Renderer:
             self._fail(payload, [claim], exc, Outcome(), retry=True, one_per_message=True)
         finally:
             report.add(encode, upload)
+
+    def _complete(self, run_id: int) -> None:
+        """After a batch: if that was the run's last open work, write its manifest and call
+        the webhook (one worker wins; the reconciler catches any run missed here)."""
+        try:
+            downstream.complete(self.settings, self.engine, self.bucket, run_id)
+        except SkufleetError as exc:
+            log.warning(
+                "run %s finished but its manifest could not be written yet: %s", run_id, exc
+            )
 
     def _object_metadata(self, claim: ledger.Claim) -> dict[str, str]:
         """S3 user metadata, which is ASCII: SKU, shot and model are percent-encoded."""

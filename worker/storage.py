@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import boto3
 from botocore.config import Config
@@ -17,13 +16,6 @@ from schemas.settings import Settings
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StoredObject:
-    key: str
-    size: int
-    sha256: str
-
-
 class Storage:
     """The run output bucket."""
 
@@ -31,20 +23,8 @@ class Storage:
         """``session`` carries explicit credentials; by default boto3 finds its own
         (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles)."""
         self.bucket = settings.s3_bucket
-        config = Config(
-            # standard mode retries throttling, 5xx and dropped connections with backoff.
-            retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
-            connect_timeout=5,
-            read_timeout=60,
-            # S3-compatible servers (MinIO, SeaweedFS) are addressed by path, not DNS.
-            s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
-        )
-        self.client = (session or boto3.Session()).client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            config=config,
-        )
+        options, config = settings.s3_client_options()
+        self.client = (session or boto3.Session()).client("s3", config=Config(**config), **options)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet."""

@@ -331,6 +331,12 @@ class FaultFleet:
         objects: dict[str, int] = {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             objects.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+        # the run's completion wrote its manifest: one line per succeeded item
+        manifest = f"{self.run}/manifest.jsonl"
+        if manifest in objects:
+            del objects[manifest]
+            body = client.get_object(Bucket=self.bucket, Key=manifest)["Body"].read()
+            assert len(body.decode().splitlines()) == len(succeeded)
         assert all(key.startswith(f"{self.run}/") for key in objects)
         assert sorted(objects) == sorted(r.object_key for r in succeeded)
         for row in succeeded:

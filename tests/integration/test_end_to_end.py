@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -22,10 +25,37 @@ CATALOGUE = str(EXAMPLES / "catalogue.csv")
 WORKER = ("--model", "tiny", "--devices", "cpu", "--burst")
 
 
+class Webhook(ThreadingHTTPServer):
+    """A downstream system: records the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/skufleet"
+
+
 def test_catalogue_is_rendered_once_and_matches_the_ledger(fleet: Fleet) -> None:
     """20 rows × 2 shots end as 40 succeeded items whose objects match the ledger; a re-run
     renders none."""
     assert fleet.cli("db", "upgrade").returncode == 0
+    webhook = Webhook()
+    fleet.env["SKUFLEET_WEBHOOK_URL"] = webhook.url
 
     # 1. enqueue the example catalogue
     summary = fleet.cli_json(
@@ -137,3 +167,15 @@ def test_catalogue_is_rendered_once_and_matches_the_ledger(fleet: Fleet) -> None
         )
     listing = fleet.cli("runs").stdout
     assert "smoke" in listing and "40/40" in listing and "done" in listing
+
+    # 7. the run's completion wrote the manifest to the bucket and called the webhook once
+    assert sorted(r["key"] for r in fleet.manifest("smoke")) == sorted(by_key)
+    assert len(webhook.received) == 1
+    event = webhook.received[0]
+    assert (event["event"], event["run"], event["counts"]["succeeded"]) == (
+        "run.completed",
+        "smoke",
+        40,
+    )
+    assert (event["bucket"], event["manifest"]) == (fleet.bucket, "smoke/manifest.jsonl")
+    webhook.shutdown()

@@ -1,0 +1,121 @@
+"""``skufleet generate``: a handful of images of one prompt, through the same fleet.
+
+The images are items of a run of their own (``generate-<time>-<hex>``), so they are rendered
+by the same workers, recorded in the ledger and stored in the bucket like any catalogue's;
+this command waits for them and copies them to a local folder.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.engine import Engine
+
+from producer.bucket import Bucket
+from producer.enqueue import publish_pending
+from producer.publish import Publisher
+from producer.seed import SEED_SPACE
+from schemas import ledger
+from schemas.errors import ConfigError
+from schemas.names import render_queue
+from schemas.output import OutputSpec
+from schemas.params import GenerationParams, default_params
+from schemas.settings import Settings
+from schemas.tables import ItemStatus
+
+MAX_IMAGES = 64
+
+
+def generate(
+    settings: Settings,
+    engine: Engine,
+    prompt: str,
+    *,
+    negative: str = "",
+    count: int = 4,
+    seed: int = 0,
+    model: str,
+    overrides: dict[str, Any],
+    out_dir: Path,
+    timeout: float,
+    console: Console,
+) -> list[Path]:
+    """Queue ``count`` images of ``prompt`` (seeds ``seed``, ``seed + 1``, …), wait for the
+    fleet to draw them, and save them in ``out_dir``; returns their paths."""
+    if not 1 <= count <= MAX_IMAGES:
+        raise ConfigError(f"-n must be 1-{MAX_IMAGES}, got {count}")
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    if not 0 <= seed <= SEED_SPACE - count:
+        raise ConfigError(f"--seed must be 0-{SEED_SPACE - count}, got {seed}")
+    params = GenerationParams(**{**default_params(model).model_dump(), **overrides})
+    run = f"generate-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    rows = [
+        {
+            "sku": f"image-{i + 1:02d}",
+            "shot": "main",
+            "prompt": prompt.strip(),
+            "negative_prompt": negative.strip(),
+            "seed": seed + i,
+            "output": OutputSpec().to_json(),
+            **params.model_dump(),
+        }
+        for i in range(count)
+    ]
+    # 1. the items, then their messages
+    with engine.begin() as conn:
+        run_id = ledger.upsert_run(conn, run, model, seed, "generate", overrides)
+        staging = ledger.ItemStaging(conn)
+        staging.add(rows)
+        staging.merge(run_id)
+    publisher = Publisher(settings)
+    queue = render_queue(settings.queue_prefix, model)
+    try:
+        publish_pending(engine, publisher, run_id, model, queue, batch_size=count)
+    finally:
+        publisher.close()
+
+    # 2. wait for the fleet, showing progress from the ledger
+    started = time.monotonic()
+    with Progress(
+        TextColumn(f"run {run}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(run, total=count)
+        while True:
+            with engine.connect() as conn:
+                counts = ledger.run_status(conn, run).counts
+            done = counts[ItemStatus.SUCCEEDED] + counts[ItemStatus.FAILED]
+            progress.update(task, completed=done)
+            if done == count:
+                break
+            if time.monotonic() - started > timeout:
+                raise ConfigError(
+                    f"no result after {timeout:.0f}s: are workers for model {model!r} running? "
+                    f"(they consume {queue}); the run {run} stays queued"
+                )
+            time.sleep(0.5)
+
+    # 3. the images, out of the bucket
+    bucket = Bucket(settings)
+    paths = []
+    with engine.connect() as conn:
+        records = list(ledger.manifest(conn, run))
+    for record in records:
+        path = out_dir / f"{run}-{record['sku']}.{record['key'].rsplit('.', 1)[-1]}"
+        bucket.download(record["key"], path)
+        paths.append(path)
+    if counts[ItemStatus.FAILED]:
+        console.print(
+            f"{counts[ItemStatus.FAILED]} of {count} images failed; see `skufleet status {run}`"
+        )
+    return paths

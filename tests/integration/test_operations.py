@@ -1,0 +1,217 @@
+"""What operations staff and downstream systems use: Flower behind auth, metrics, presigned
+URLs, one-off generation, and the one-command demo."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from producer.services import free_port, wait_until
+from tests.conftest import BIN, EXAMPLES, Fleet
+
+pytestmark = pytest.mark.integration
+
+# the ledger's two backends are covered elsewhere; these tests need only one
+postgres_only = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
+def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    headers = {}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def listening(url: str) -> bool:
+    try:
+        get(url)
+    except OSError:
+        return False
+    return True
+
+
+@postgres_only
+def test_flower_asks_for_credentials_on_its_pages_and_api(fleet: Fleet) -> None:
+    """Without credentials every page and API call answers 401; with them, 200 (Prometheus'
+    /metrics stays open to scrapers). Without SKUFLEET_FLOWER_BASIC_AUTH it refuses to
+    listen beyond the loopback address."""
+    refused = fleet.cli("flower", "--address", "0.0.0.0")
+    assert refused.returncode == 2 and "without authentication" in refused.stderr
+    port = free_port()
+    auth = ("ops", "s3cret-Flower-pass")
+    env = {**fleet.env, "SKUFLEET_FLOWER_BASIC_AUTH": ":".join(auth)}
+    flower = subprocess.Popen(
+        [str(BIN / "skufleet"), "flower", "--port", str(port)],
+        env=env,
+        cwd=fleet.tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: listening(base), 60, "Flower")
+        for path in ("/", "/workers", "/tasks", "/api/workers", "/api/tasks"):
+            assert get(base + path)[0] == 401, path
+            assert get(base + path, ("ops", "wrong"))[0] == 401, path
+        for path in ("/", "/api/workers", "/metrics"):
+            assert get(base + path, auth)[0] == 200, path
+    finally:
+        os.killpg(flower.pid, signal.SIGTERM)
+        flower.wait(20)
+
+
+@postgres_only
+def test_metrics_show_queues_items_and_device_rates(fleet: Fleet) -> None:
+    """The metrics endpoint reports queue depth per model queue, items by status per run,
+    and images/s per device once a worker has rendered."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    fleet.cli_json(
+        "enqueue",
+        str(EXAMPLES / "catalogue.csv"),
+        "--run",
+        "m",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--json",
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "skufleet"), "metrics", "--port", str(port)],
+        env=fleet.env,
+        cwd=fleet.tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_until(lambda: listening(url), 60, "the metrics endpoint")
+        text = get(url)[1].decode()
+        queue = f'skufleet_queue_messages{{model="tiny",queue="{fleet.settings.queue_prefix}'
+        assert f'{queue}.render.tiny"}} 10.0' in text  # 40 items in messages of 4
+        assert 'skufleet_items{run="m",status="queued"} 40.0' in text
+        assert fleet.worker("--model", "tiny", "--devices", "cpu", "--burst").returncode == 0
+        text = get(url)[1].decode()
+        assert 'skufleet_items{run="m",status="succeeded"} 40.0' in text
+        assert 'skufleet_images_per_second{device="cpu"' in text
+        assert f'{queue}.render.tiny"}} 0.0' in text
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(20)
+
+
+@postgres_only
+def test_presigned_urls_read_the_private_bucket_without_credentials(fleet: Fleet) -> None:
+    """`skufleet presign` gives one URL per image; a plain HTTP GET of it returns the very
+    bytes the ledger recorded, while the same object without a signature is refused."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    fleet.cli_json(
+        "enqueue", str(EXAMPLES / "catalogue.csv"), "--run", "p", "--model", "tiny", "--json"
+    )
+    assert fleet.worker("--model", "tiny", "--devices", "cpu", "--burst").returncode == 0
+    result = fleet.cli("presign", "p", "--expires", "600")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 40
+    manifest = {r["key"]: r for r in fleet.manifest("p")}
+    for record in records[:5]:
+        status, body = get(record["url"])
+        assert status == 200 and len(body) == manifest[record["key"]]["bytes"]
+    assert get(f"{fleet.s3.endpoint_url}/{fleet.bucket}/{records[0]['key']}")[0] in (401, 403)
+
+
+@postgres_only
+def test_generate_queues_a_prompt_waits_and_saves_the_images(fleet: Fleet) -> None:
+    """`skufleet generate "…" -n 3 --seed 5` goes through the fleet and saves three images,
+    drawn with seeds 5, 6 and 7."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    worker = subprocess.Popen(
+        [str(BIN / "skufleet-worker"), "--model", "tiny", "--devices", "cpu"],
+        env=fleet.env,
+        cwd=fleet.tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    out = fleet.tmp_path / "out"
+    try:
+        result = fleet.run(
+            str(BIN / "skufleet"),
+            "generate",
+            "a red enamel mug",
+            "-n",
+            "3",
+            "--seed",
+            "5",
+            "--model",
+            "tiny",
+            "--out",
+            str(out),
+            timeout=180,
+        )
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = [Path(line) for line in result.stdout.split()]
+    assert len(paths) == 3 and all(p.exists() and p.parent == out for p in paths)
+    from worker.postprocess import read_metadata
+
+    assert sorted(read_metadata(p.read_bytes())["seed"] for p in paths) == ["5", "6", "7"]
+    assert all(read_metadata(p.read_bytes())["prompt"] == "a red enamel mug" for p in paths)
+
+
+def test_the_demo_renders_everything_and_leaves_no_process(tmp_path: Path) -> None:
+    """`skufleet demo` with nothing configured: private Redis, S3 and ledger, Flower, a
+    worker; every item succeeds, the images land on disk, and nothing keeps running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKUFLEET_", "AWS_"))}
+    env["SKUFLEET_CACHE_DIR"] = str(tmp_path / "cache")
+    before = _processes()
+    result = subprocess.run(
+        [
+            str(BIN / "skufleet"),
+            "demo",
+            str(EXAMPLES / "catalogue.csv"),
+            "--dir",
+            str(tmp_path / "demo"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Flower at http://127.0.0.1:" in result.stderr
+    images = list((tmp_path / "demo" / "images").rglob("*.png"))
+    assert len(images) == 40
+    assert "│ succeeded     │ 40" in result.stdout
+    time.sleep(1)
+    assert _processes() - before == set()
+
+
+def _processes() -> set[str]:
+    """Command lines of running demo-type processes (servers, Flower, workers)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    keep = ("redis-server", "weed server", "flower", "skufleet-worker", "worker.process")
+    return {
+        line
+        for line in out.splitlines()
+        if any(k in line for k in keep) and "tests.fixtures" not in line
+    }
