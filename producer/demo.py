@@ -40,6 +40,8 @@ from schemas.tables import ItemStatus
 
 BIN = Path(sys.executable).parent
 STACK_FILE = "stack.json"
+STOP_GRACE = 30.0
+"""Seconds a stopped process gets to finish (a worker, its batch) before SIGKILL."""
 
 
 @dataclass
@@ -61,6 +63,8 @@ class _Stack:
     directory: Path
     env: dict[str, str] = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)
+    grace: dict[int, float] = field(default_factory=dict)
+    """Seconds a process gets between SIGTERM and SIGKILL, where not the default."""
 
     def spawn(self, command: list[str], name: str) -> subprocess.Popen[bytes]:
         with (self.directory / f"{name}.log").open("ab") as log:
@@ -80,12 +84,15 @@ def stop(directory: Path) -> list[int]:
     path = directory / STACK_FILE
     if not path.exists():
         raise ConfigError(f"nothing to stop: {path} does not exist")
-    pids = [int(pid) for pid in json.loads(path.read_text())["pids"]]
+    kept = json.loads(path.read_text())
+    pids = [int(pid) for pid in kept["pids"]]
+    grace = {int(pid): float(seconds) for pid, seconds in kept.get("grace", {}).items()}
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
+    signalled = time.monotonic()
     for pid in pids:
+        deadline = signalled + grace.get(pid, STOP_GRACE)
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.2)
         with contextlib.suppress(ProcessLookupError):
@@ -119,6 +126,7 @@ def _services(
         cleanup.callback(s3.stop)
         assert s3.process is not None
         stack.pids.append(s3.process.pid)
+        stack.grace[s3.process.pid] = s3.stop_grace
         stack.env.update(s3.env())
         overrides["s3_endpoint_url"] = s3.endpoint_url
         console.print(f"started SeaweedFS S3 at {s3.endpoint_url}")
@@ -233,6 +241,7 @@ def run_demo(
                 json.dumps(
                     {
                         "pids": stack.pids,
+                        "grace": stack.grace,
                         "env": {
                             k: v
                             for k, v in stack.env.items()
@@ -289,7 +298,7 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(30)
+            process.wait(STOP_GRACE)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()

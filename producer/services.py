@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from schemas.errors import ConfigError
 
@@ -66,6 +67,8 @@ class Service:
     directory: Path
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
+    stop_grace: ClassVar[float] = 15.0
+    """Seconds between SIGTERM and SIGKILL."""
 
     def __post_init__(self) -> None:
         self.directory = self.directory.resolve()  # servers run with this as their cwd
@@ -83,12 +86,12 @@ class Service:
                 start_new_session=True,
             )
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout)
+            self.process.wait(self.stop_grace)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
@@ -160,6 +163,10 @@ class LocalRedis(Service):
 
 class LocalS3(Service):
     """SeaweedFS (``weed server -s3``) on free ports, with one generated access key."""
+
+    # On SIGTERM the volume server flushes and closes within a second, but the master and
+    # filer go on waiting for each other's gRPC streams and never exit by themselves.
+    stop_grace: ClassVar[float] = 3.0
 
     def __init__(self, directory: Path) -> None:
         super().__init__("seaweedfs", directory)

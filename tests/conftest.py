@@ -61,6 +61,11 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
+# Ledger logic runs on both backends in the unit tests and end to end in test_end_to_end.py;
+# slower process-level tests that exercise something else need only the production one.
+postgres_only = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each test that asks for it runs against PostgreSQL and against SQLite."""

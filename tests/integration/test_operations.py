@@ -16,12 +16,9 @@ from pathlib import Path
 import pytest
 
 from producer.services import free_port, wait_until
-from tests.conftest import BIN, EXAMPLES, Fleet
+from tests.conftest import BIN, EXAMPLES, Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
-
-# the ledger's two backends are covered elsewhere; these tests need only one
-postgres_only = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
 
 def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
@@ -177,26 +174,25 @@ def test_generate_queues_a_prompt_waits_and_saves_the_images(fleet: Fleet) -> No
     assert all(read_metadata(p.read_bytes())["prompt"] == "a red enamel mug" for p in paths)
 
 
-def test_the_demo_renders_everything_and_leaves_no_process(tmp_path: Path) -> None:
-    """`skufleet demo` with nothing configured: private Redis, S3 and ledger, Flower, a
-    worker; every item succeeds, the images land on disk, and nothing keeps running."""
+def demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`skufleet demo ARGS --dir tmp_path/demo` with nothing configured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SKUFLEET_", "AWS_"))}
     env["SKUFLEET_CACHE_DIR"] = str(tmp_path / "cache")
-    before = _processes()
-    result = subprocess.run(
-        [
-            str(BIN / "skufleet"),
-            "demo",
-            str(EXAMPLES / "catalogue.csv"),
-            "--dir",
-            str(tmp_path / "demo"),
-        ],
+    return subprocess.run(
+        [str(BIN / "skufleet"), "demo", *args, "--dir", str(tmp_path / "demo")],
         env=env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_the_demo_renders_everything_and_leaves_no_process(tmp_path: Path) -> None:
+    """`skufleet demo` with nothing configured: private Redis, S3 and ledger, Flower, a
+    worker; every item succeeds, the images land on disk, and nothing keeps running."""
+    before = _processes()
+    result = demo(tmp_path, str(EXAMPLES / "catalogue.csv"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Flower at http://127.0.0.1:" in result.stderr
     images = list((tmp_path / "demo" / "images").rglob("*.png"))
@@ -215,3 +211,28 @@ def _processes() -> set[str]:
         for line in out.splitlines()
         if any(k in line for k in keep) and "tests.fixtures" not in line
     }
+
+
+def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path) -> None:
+    """--keep leaves Redis, S3, Flower and a listening worker running and says how to stop
+    them; --stop stops every one of them."""
+    catalogue = tmp_path / "two.csv"
+    catalogue.write_text("sku,title,category\nK1,Red mug,Kitchen\nK2,Oak shelf,Home\n")
+    before = _processes()
+    result = demo(tmp_path, str(catalogue), "--keep")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "│ succeeded     │ 4" in result.stdout
+    assert "skufleet demo --stop" in result.stdout + result.stderr
+    try:
+        kept = json.loads((tmp_path / "demo" / "stack.json").read_text())
+        running = _processes() - before
+        for name in ("redis-server", "weed server", "flower", "skufleet-worker"):
+            assert any(name in line for line in running), (name, running)
+        assert listening(kept["flower"])
+    finally:
+        stopped = demo(tmp_path, "--stop")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert f"stopped {len(kept['pids'])} processes" in stopped.stdout
+    assert not (tmp_path / "demo" / "stack.json").exists()
+    time.sleep(1)
+    assert _processes() - before == set()

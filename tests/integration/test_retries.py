@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from schemas.tables import Item, ItemStatus
-from tests.conftest import Fleet
+from tests.conftest import Fleet, postgres_only
 from tests.fixtures.pipelines import POISON
 
 pytestmark = pytest.mark.integration
@@ -20,6 +20,7 @@ prompt = "{{ title }}"
 """
 
 
+@postgres_only
 def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
     fleet: Fleet,
 ) -> None:

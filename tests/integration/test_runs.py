@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from schemas.tables import Item
-from tests.conftest import Fleet
+from tests.conftest import Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +26,7 @@ def items(fleet: Fleet) -> dict[tuple[str, str], Item]:
         return {(i.sku, i.shot): i for i in session.scalars(sa.select(Item))}
 
 
+@postgres_only
 def test_an_updated_catalogue_renders_only_new_and_changed_items(fleet: Fleet) -> None:
     """Re-enqueuing with one new row and one changed title renders those rows' shots only."""
     assert fleet.cli("db", "upgrade").returncode == 0
@@ -66,6 +67,7 @@ def test_an_updated_catalogue_renders_only_new_and_changed_items(fleet: Fleet) -
             assert (objects[item.object_key]["ETag"] != etags[item.object_key]) == changed
 
 
+@postgres_only
 def test_a_cancelled_run_renders_nothing_until_retried(fleet: Fleet) -> None:
     """cancel: workers skip the queued items; retry: they are queued again and rendered."""
     assert fleet.cli("db", "upgrade").returncode == 0

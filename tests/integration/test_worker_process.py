@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from producer.services import free_port, wait_until
 from schemas.tables import Item, ItemStatus
-from tests.conftest import Fleet
+from tests.conftest import Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,7 @@ def statuses(fleet: Fleet) -> list[str]:
         return [str(s) for s in session.scalars(sa.select(Item.status))]
 
 
+@postgres_only
 def test_a_worker_busy_with_a_long_batch_stays_online(fleet: Fleet) -> None:
     """During a 12 s batch, `celery inspect ping` answers and Flower lists the worker alive
     at every check, a second apart: heartbeats flow while the GPU thread is busy."""
@@ -127,6 +128,7 @@ def test_a_worker_busy_with_a_long_batch_stays_online(fleet: Fleet) -> None:
         app.close()
 
 
+@postgres_only
 def test_a_device_out_of_memory_for_one_image_leaves_the_rotation(fleet: Fleet) -> None:
     """The worker stops consuming and exits 3 with a clear line for its supervisor; its
     items are back on the queue for other workers, their attempts not used up."""
@@ -141,6 +143,7 @@ def test_a_device_out_of_memory_for_one_image_leaves_the_rotation(fleet: Fleet) 
     assert all(i.attempts - i.attempts_before_retry == 0 for i in found)
 
 
+@postgres_only
 def test_beat_runs_the_reconciler_on_the_workers(fleet: Fleet) -> None:
     """`skufleet beat` sends `skufleet.reconcile` to the ops queue every
     SKUFLEET_RECONCILE_SECONDS; a worker runs it and items stranded by a dead worker (running
