@@ -193,9 +193,8 @@ def enqueue(
             encoding=encoding,
         )
         engine = ledger_engine(settings)
-        publisher = Publisher(settings)
         with contextlib.ExitStack() as stack:
-            stack.callback(publisher.close)
+            publisher = stack.enter_context(Publisher(settings))
             sink = stack.enter_context(rejects.open("w", encoding="utf-8")) if rejects else None
             bar = stack.enter_context(
                 Progress(
@@ -376,13 +375,10 @@ def retry(
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
-        publisher = Publisher(settings)
-        try:
+        with Publisher(settings) as publisher:
             result = retry_run(
                 engine, publisher, run, failed_only=failed, queue_prefix=settings.queue_prefix
             )
-        finally:
-            publisher.close()
     if as_json:
         print(json.dumps(result))
     else:
@@ -586,8 +582,7 @@ def reconcile(
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
-        publisher = Publisher(settings)
-        try:
+        with Publisher(settings) as publisher, contextlib.suppress(KeyboardInterrupt):
             while True:
                 try:
                     report = reconcile_pass(engine, publisher, settings, run)
@@ -604,10 +599,6 @@ def reconcile(
                 if not watch:
                     break
                 time.sleep(interval or settings.reconcile_seconds)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            publisher.close()
 
 
 @app.command()

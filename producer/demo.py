@@ -190,8 +190,7 @@ def run_demo(
         flower = _flower(stack, cleanup, console)
 
         # 2. the catalogue goes into the ledger and onto the queue
-        publisher = Publisher(settings)
-        cleanup.callback(publisher.close)
+        publisher = cleanup.enter_context(Publisher(settings))
         summary = enqueue(
             engine,
             publisher,

@@ -74,12 +74,9 @@ def generate(
         staging = ledger.ItemStaging(conn)
         staging.add(rows)
         staging.merge(run_id)
-    publisher = Publisher(settings)
     queue = render_queue(settings.queue_prefix, model)
-    try:
+    with Publisher(settings) as publisher:
         publish_pending(engine, publisher, run_id, model, queue, batch_size=count)
-    finally:
-        publisher.close()
 
     # 2. wait for the fleet, showing progress from the ledger
     started = time.monotonic()

@@ -8,9 +8,11 @@ own bucket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -132,6 +134,26 @@ class Fleet:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run(str(BIN / "skufleet"), *args)
 
+    @contextlib.contextmanager
+    def background(
+        self, *command: str, env: dict[str, str] | None = None, grace: float = 20
+    ) -> Iterator[subprocess.Popen[bytes]]:
+        """A long-running process (a server, a listening worker) in its own process group,
+        stopped with SIGTERM when the block ends."""
+        process = subprocess.Popen(
+            command,
+            env=env or self.env,
+            cwd=self.tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            yield process
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(grace)
+
     def cli_json(self, *args: str) -> dict[str, Any]:
         result = self.cli(*args)
         assert result.returncode == 0, f"skufleet {' '.join(args)} failed:\n{result.stderr}"
@@ -139,25 +161,6 @@ class Fleet:
 
     def worker(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
         return self.run(str(BIN / "skufleet-worker"), *args, timeout=timeout)
-
-    @staticmethod
-    def stand_in_worker(*fixture: str, name: str = "cpu") -> list[str]:
-        """The command of a real worker process (burst mode) whose pipeline is a stand-in
-        from tests/fixtures: ``stand_in_worker("--fixture", "poison")``."""
-        return [
-            sys.executable,
-            "-m",
-            "tests.fixtures.serve",
-            *fixture,
-            "--",
-            "--model",
-            "tiny",
-            "--device",
-            "cpu",
-            "--name",
-            name,
-            "--burst",
-        ]
 
     def engine(self) -> sa.Engine:
         return ledger.create_engine(self.env["SKUFLEET_DATABASE_URL"])

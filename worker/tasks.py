@@ -81,12 +81,11 @@ def register_reconcile(app: Celery, settings: Settings) -> Task:
         from producer.reconcile import reconcile as reconcile_pass
         from schemas import ledger
 
-        publisher = Publisher(settings)
         engine = ledger.create_engine(settings.database_url)
         try:
-            report = reconcile_pass(engine, publisher, settings)
+            with Publisher(settings) as publisher:
+                report = reconcile_pass(engine, publisher, settings)
         finally:
-            publisher.close()
             engine.dispose()
         log.info("reconcile: %s", report)
         return report.as_dict()

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from producer.services import LocalRedis, LocalS3
 from schemas import ledger
 from schemas.tables import Item, ItemStatus
+from tests.fixtures import stand_in_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -222,19 +223,7 @@ class FaultFleet:
     # --- faults ----------------------------------------------------------------------------
 
     def start_worker(self, index: int) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "tests.fixtures.serve",
-            *self.fixture,
-            "--",
-            "--model",
-            "tiny",
-            "--device",
-            "cpu",
-            "--name",
-            f"w{index}",
-        ]
+        command = stand_in_worker(*self.fixture, name=f"w{index}", burst=False)
         self.workers[index] = self._spawn(command, f"worker-{index}")
 
     def kill_worker(self, index: int) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -50,25 +49,14 @@ def test_flower_asks_for_credentials_on_its_pages_and_api(fleet: Fleet) -> None:
     port = free_port()
     auth = ("ops", "s3cret-Flower-pass")
     env = {**fleet.env, "SKUFLEET_FLOWER_BASIC_AUTH": ":".join(auth)}
-    flower = subprocess.Popen(
-        [str(BIN / "skufleet"), "flower", "--port", str(port)],
-        env=env,
-        cwd=fleet.tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
+    with fleet.background(str(BIN / "skufleet"), "flower", "--port", str(port), env=env):
         wait_until(lambda: listening(base), 60, "Flower")
         for path in ("/", "/workers", "/tasks", "/api/workers", "/api/tasks"):
             assert get(base + path)[0] == 401, path
             assert get(base + path, ("ops", "wrong"))[0] == 401, path
         for path in ("/", "/api/workers", "/metrics"):
             assert get(base + path, auth)[0] == 200, path
-    finally:
-        os.killpg(flower.pid, signal.SIGTERM)
-        flower.wait(20)
 
 
 @postgres_only
@@ -88,16 +76,8 @@ def test_metrics_show_queues_items_and_device_rates(fleet: Fleet) -> None:
         "--json",
     )
     port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "skufleet"), "metrics", "--port", str(port)],
-        env=fleet.env,
-        cwd=fleet.tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}/metrics"
-    try:
+    with fleet.background(str(BIN / "skufleet"), "metrics", "--port", str(port)):
         wait_until(lambda: listening(url), 60, "the metrics endpoint")
         text = get(url)[1].decode()
         queue = f'skufleet_queue_messages{{model="tiny",queue="{fleet.settings.queue_prefix}'
@@ -108,9 +88,6 @@ def test_metrics_show_queues_items_and_device_rates(fleet: Fleet) -> None:
         assert 'skufleet_items{run="m",status="succeeded"} 40.0' in text
         assert 'skufleet_images_per_second{device="cpu"' in text
         assert f'{queue}.render.tiny"}} 0.0' in text
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(20)
 
 
 @postgres_only
@@ -138,16 +115,9 @@ def test_generate_queues_a_prompt_waits_and_saves_the_images(fleet: Fleet) -> No
     """`skufleet generate "…" -n 3 --seed 5` goes through the fleet and saves three images,
     drawn with seeds 5, 6 and 7."""
     assert fleet.cli("db", "upgrade").returncode == 0
-    worker = subprocess.Popen(
-        [str(BIN / "skufleet-worker"), "--model", "tiny", "--devices", "cpu"],
-        env=fleet.env,
-        cwd=fleet.tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     out = fleet.tmp_path / "out"
-    try:
+    worker = (str(BIN / "skufleet-worker"), "--model", "tiny", "--devices", "cpu")
+    with fleet.background(*worker, grace=60):
         result = fleet.run(
             str(BIN / "skufleet"),
             "generate",
@@ -162,9 +132,6 @@ def test_generate_queues_a_prompt_waits_and_saves_the_images(fleet: Fleet) -> No
             str(out),
             timeout=180,
         )
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(60)
     assert result.returncode == 0, result.stderr[-3000:]
     paths = [Path(line) for line in result.stdout.split()]
     assert len(paths) == 3 and all(p.exists() and p.parent == out for p in paths)

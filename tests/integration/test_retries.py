@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from schemas.tables import Item, ItemStatus
 from tests.conftest import Fleet, postgres_only
+from tests.fixtures import stand_in_worker
 from tests.fixtures.pipelines import POISON
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,7 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
         "--json",
     )
 
-    result = fleet.run(*fleet.stand_in_worker("--fixture", "poison"))
+    result = fleet.run(*stand_in_worker("--fixture", "poison"))
     assert result.returncode == 0, result.stderr[-4000:]
 
     with Session(fleet.engine()) as session:
@@ -65,7 +66,7 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
     # an explicit retry of the failed item gives it a fresh budget of attempts
     retried = fleet.cli_json("retry", "poison", "--failed", "--json")
     assert (retried["retried"], retried["enqueued"]) == (1, 1)
-    result = fleet.run(*fleet.stand_in_worker("--fixture", "poison"))
+    result = fleet.run(*stand_in_worker("--fixture", "poison"))
     assert result.returncode == 0, result.stderr[-4000:]
     with Session(fleet.engine()) as session:
         again = session.scalars(sa.select(Item).where(Item.sku == "SKU-2")).one()

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from producer.services import free_port, wait_until
 from schemas.tables import Item, ItemStatus
 from tests.conftest import Fleet, postgres_only
+from tests.fixtures import stand_in_worker
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +53,11 @@ def enqueue(fleet: Fleet, rows: int, batch: int) -> None:
     )
 
 
-def stand_in_worker(fleet: Fleet, name: str, *fixture: str) -> subprocess.Popen[str]:
+def start_stand_in(
+    fleet: Fleet, name: str, *fixture: str, burst: bool = True
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        fleet.stand_in_worker(*fixture, name=name),
+        stand_in_worker(*fixture, name=name, burst=burst),
         env=fleet.env,
         cwd=fleet.tmp_path,
         text=True,
@@ -93,7 +96,7 @@ def test_a_worker_busy_with_a_long_batch_stays_online(fleet: Fleet) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    worker = stand_in_worker(fleet, name, "--fixture", "standin", "--sleep", "12")
+    worker = start_stand_in(fleet, name, "--fixture", "standin", "--sleep", "12")
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
 
     def flower_alive() -> dict[str, bool]:
@@ -133,7 +136,7 @@ def test_a_device_out_of_memory_for_one_image_leaves_the_rotation(fleet: Fleet) 
     """The worker stops consuming and exits 3 with a clear line for its supervisor; its
     items are back on the queue for other workers, their attempts not used up."""
     enqueue(fleet, rows=3, batch=3)
-    worker = stand_in_worker(fleet, f"oom{secrets.token_hex(3)}", "--fixture", "oom", "--fits", "0")
+    worker = start_stand_in(fleet, f"oom{secrets.token_hex(3)}", "--fixture", "oom", "--fits", "0")
     output, _ = worker.communicate(timeout=120)
     assert worker.returncode == 3, output[-3000:]
     assert "out of rotation" in output and "out of memory" in output
@@ -166,13 +169,8 @@ def test_beat_runs_the_reconciler_on_the_workers(fleet: Fleet) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    worker = subprocess.Popen(
-        [*fleet.stand_in_worker("--fixture", "standin", name=f"beat{secrets.token_hex(3)}")][:-1],
-        env=fleet.env,
-        cwd=fleet.tmp_path,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    worker = start_stand_in(
+        fleet, f"beat{secrets.token_hex(3)}", "--fixture", "standin", burst=False
     )
     try:
         wait_until(
