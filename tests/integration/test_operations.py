@@ -171,7 +171,7 @@ def test_the_demo_renders_everything_and_leaves_no_process(tmp_path: Path) -> No
 
 def _processes() -> set[str]:
     """Command lines of running demo-type processes (servers, Flower, workers)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     keep = ("redis-server", "weed server", "flower", "skufleet-worker", "worker.process")
     return {
         line
