@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from celery import Celery
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 from schemas.errors import BrokerUnavailable
 from schemas.names import TASK_RENDER
@@ -28,6 +28,15 @@ class Publisher:
             broker_connection_retry_on_startup=True,
             broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         )
+        # kombu converts the errors of a first connection into OperationalError, but a
+        # connection lost later (Redis restarted mid-run) surfaces as the client library's
+        # own error, and a cut pipeline as BatchPublishError: all mean "the broker is away"
+        with self.app.connection_for_write() as connection:
+            self.broker_errors: tuple[type[Exception], ...] = (
+                OperationalError,
+                BatchPublishError,
+                *connection.connection_errors,
+            )
 
     def publish(self, queue: str, payloads: Sequence[RenderPayload]) -> None:
         """Publish one message per payload on one connection, pipelined: kombu's
@@ -44,7 +53,7 @@ class Publisher:
                         argsrepr=f"run {payload.run_id}: {len(payload.item_ids)} items",
                         kwargsrepr="{}",
                     )
-        except OperationalError as exc:
+        except self.broker_errors as exc:
             raise BrokerUnavailable(f"cannot publish to the broker: {exc}") from exc
 
     def queue_length(self, queue: str) -> int:
@@ -52,7 +61,7 @@ class Publisher:
         try:
             with self.app.connection_for_read() as connection:
                 return int(connection.default_channel.queue_declare(queue=queue).message_count)
-        except OperationalError as exc:
+        except self.broker_errors as exc:
             raise BrokerUnavailable(f"cannot reach the broker: {exc}") from exc
 
     def close(self) -> None:

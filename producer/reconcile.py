@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from producer import downstream
 from producer.bucket import Bucket
@@ -70,7 +71,20 @@ def _publish(publisher: Publisher, prefix: str, found: list[ledger.Stranded]) ->
 def reconcile(
     engine: Engine, publisher: Publisher, settings: Settings, run: str | None = None
 ) -> ReconcileReport:
-    """One reconciler pass over every run, or over run ``run``."""
+    """One reconciler pass over every run, or over run ``run``.
+
+    Raises a RetryableError when Redis, the database or the bucket is away, so that
+    ``--watch`` skips the pass and tries again instead of dying.
+    """
+    try:
+        return _reconcile(engine, publisher, settings, run)
+    except DBAPIError as exc:
+        raise ledger.unavailable(exc, engine) from exc
+
+
+def _reconcile(
+    engine: Engine, publisher: Publisher, settings: Settings, run: str | None
+) -> ReconcileReport:
     report = ReconcileReport()
     with engine.begin() as conn:
         run_id = ledger.run_id(conn, run) if run is not None else None

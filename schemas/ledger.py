@@ -336,7 +336,8 @@ class Claim:
         return self.attempt - self.attempts_before_retry < max_attempts
 
 
-def _translate(exc: DBAPIError, engine: Engine) -> LedgerUnavailable:
+def unavailable(exc: DBAPIError, engine: Engine) -> LedgerUnavailable:
+    """The retryable error for a database failure, naming the database but not its password."""
     return LedgerUnavailable(f"ledger at {describe(engine)} failed: {exc.orig!r}")
 
 
@@ -387,7 +388,7 @@ def claim(
         with engine.begin() as conn:
             rows = conn.execute(statement).all()
     except DBAPIError as exc:
-        raise _translate(exc, engine) from exc
+        raise unavailable(exc, engine) from exc
     claims = [
         Claim(
             id=int(r.id),
@@ -426,7 +427,7 @@ def _fenced_update(engine: Engine, item: Claim, values: dict[str, Any]) -> bool:
                 .values(**values)
             )
     except DBAPIError as exc:
-        raise _translate(exc, engine) from exc
+        raise unavailable(exc, engine) from exc
     return result.rowcount == 1
 
 
@@ -583,7 +584,7 @@ def complete_run(engine: Engine, run_id: int) -> bool:
                 .returning(Run.id)
             ).first()
     except DBAPIError as exc:
-        raise _translate(exc, engine) from exc
+        raise unavailable(exc, engine) from exc
     return won is not None
 
 

@@ -216,6 +216,12 @@ class FaultFleet:
                 return elapsed
             if elapsed > timeout:
                 raise AssertionError(f"run not finished after {timeout:.0f}s: {counts}")
+            # no scenario targets the reconciler: without it lost messages stay lost
+            if self.reconciler is not None and self.reconciler.poll() is not None:
+                raise AssertionError(
+                    f"the reconciler exited with code {self.reconciler.returncode}:\n"
+                    + self.log("reconciler")[-3000:]
+                )
             if tick is not None:
                 tick(elapsed)
             time.sleep(0.2)
