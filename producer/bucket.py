@@ -11,6 +11,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from schemas.errors import StorageUnavailable
+from schemas.redact import redact_text
 from schemas.settings import Settings
 
 
@@ -27,7 +28,7 @@ class Bucket:
         try:
             self.client.download_file(self.name, key, str(path))
         except (ClientError, BotoCoreError) as exc:
-            raise StorageUnavailable(f"cannot download {key!r}: {exc}") from exc
+            raise StorageUnavailable(f"cannot download {key!r}: {redact_text(str(exc))}") from exc
 
     def put_lines(self, key: str, lines: Iterable[str], content_type: str) -> int:
         """Upload text lines as one object (multipart when large); returns its size."""
@@ -41,7 +42,7 @@ class Bucket:
                 buffer, self.name, key, ExtraArgs={"ContentType": content_type}
             )
         except (ClientError, BotoCoreError) as exc:
-            raise StorageUnavailable(f"cannot upload {key!r}: {exc}") from exc
+            raise StorageUnavailable(f"cannot upload {key!r}: {redact_text(str(exc))}") from exc
         return size
 
     def presign(self, key: str, expires: int) -> str:

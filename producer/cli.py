@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,16 +26,26 @@ from rich.progress import (
 )
 from rich.table import Table
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from schemas import ledger
-from schemas.errors import CatalogueError, ConfigError, RetryableError, SkufleetError
+from schemas.errors import (
+    EXIT_CODES_HELP,
+    ConfigError,
+    LedgerUnavailable,
+    RetryableError,
+    SkufleetError,
+    exit_code,
+    one_line,
+)
 from schemas.names import SCHEDULERS
 from schemas.output import OutputSpec
 from schemas.params import GenerationParams, default_params
-from schemas.settings import Settings
+from schemas.settings import Settings, load_settings
 
 app = typer.Typer(
     help="Turn catalogues into Stable Diffusion images on a Celery fleet.",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
 )
@@ -50,8 +60,10 @@ RATE_WINDOW = timedelta(seconds=60)
 
 
 def fail(exc: SkufleetError) -> NoReturn:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(2 if isinstance(exc, ConfigError | CatalogueError) else 1)
+    """One plain line on stderr (URLs without their secrets, no markup read from the
+    message) and the exit code of ``exc``'s class: see ``schemas.errors``."""
+    err.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False)
+    raise typer.Exit(exit_code(exc))
 
 
 @contextlib.contextmanager
@@ -61,15 +73,25 @@ def reported() -> Iterator[None]:
         yield
     except SkufleetError as exc:
         fail(exc)
+    except OperationalError as exc:
+        # the commands read the ledger themselves: a database lost after the schema check
+        fail(LedgerUnavailable(f"the ledger failed: {exc.orig}"))
+
+
+def port_option(value: int) -> int:
+    """A --port given on the command line: 1-65535 (the OS would wrap 99999 around)."""
+    if not 1 <= value <= 65535:
+        fail(ConfigError(f"--port must be 1-65535, got {value}"))
+    return value
 
 
 @app.callback()
 def _main(ctx: typer.Context) -> None:
     """Settings are read from SKUFLEET_* variables once, here, and passed down."""
     try:
-        ctx.obj = Settings()
-    except ValueError as exc:
-        fail(ConfigError(f"invalid SKUFLEET_* setting: {exc}"))
+        ctx.obj = load_settings()
+    except ConfigError as exc:
+        fail(exc)
 
 
 def ledger_engine(settings: Settings) -> Engine:
@@ -121,7 +143,7 @@ def db_upgrade(ctx: typer.Context) -> None:
         engine = ledger.create_engine(settings.database_url)
         upgrade(engine)
         ledger.require_schema(engine)
-        err.print(f"ledger at {ledger.describe(engine)} is up to date")
+        err.print(f"ledger at {escape(ledger.describe(engine))} is up to date")
 
 
 @app.command()
@@ -166,6 +188,7 @@ def enqueue(
     """
     from producer.enqueue import EnqueueRequest
     from producer.enqueue import enqueue as run_enqueue
+    from producer.paths import check_output, open_output
     from producer.publish import Publisher
     from producer.template import TemplatePack
 
@@ -173,6 +196,9 @@ def enqueue(
     with reported():
         model = model or settings.model
         pack = TemplatePack.load(template).with_columns(parse_columns(column or []))
+        inputs = (catalogue, Path(pack.source))
+        if rejects:  # before the ledger: a refused --rejects leaves every file as it was
+            check_output(rejects, inputs, flag="--rejects")
         request = EnqueueRequest(
             catalogue=catalogue,
             run=run,
@@ -195,7 +221,11 @@ def enqueue(
         engine = ledger_engine(settings)
         with contextlib.ExitStack() as stack:
             publisher = stack.enter_context(Publisher(settings))
-            sink = stack.enter_context(rejects.open("w", encoding="utf-8")) if rejects else None
+            sink = (
+                stack.enter_context(open_output(rejects, inputs, flag="--rejects"))
+                if rejects
+                else None
+            )
             bar = stack.enter_context(
                 Progress(
                     SpinnerColumn(),
@@ -222,7 +252,7 @@ def enqueue(
     if as_json:
         print(json.dumps(summary.as_dict()))
         return
-    table = Table(title=f"run {summary.run}", show_header=False)
+    table = Table(title=f"run {escape(summary.run)}", show_header=False)
     for name in (
         "read",
         "accepted",
@@ -238,14 +268,15 @@ def enqueue(
         "messages",
     ):
         table.add_row(name.replace("_", " "), f"{getattr(summary, name):,}")
-    table.add_row("queue", summary.queue)
+    table.add_row("queue", escape(summary.queue))
     out.print(table)
     for reason, count in sorted(summary.reasons.items()):
-        err.print(f"  {count:,} × {reason}" + (f" (see {rejects})" if rejects else ""))
+        see = f" (see {escape(str(rejects))})" if rejects else ""
+        err.print(f"  {count:,} × {escape(reason)}{see}")
     if summary.long_prompts:
         err.print(
             f"  {summary.long_prompts:,} items have prompts over 77 CLIP tokens, which "
-            "SD 1.5 cuts" + (f" (see {rejects})" if rejects else "; see --rejects")
+            "SD 1.5 cuts" + (f" (see {escape(str(rejects))})" if rejects else "; see --rejects")
         )
     if summary.in_flight:
         err.print(
@@ -267,7 +298,7 @@ def _status_view(engine: Engine, run: str) -> tuple[Group, ledger.RunStatus]:
         else ("done" if not remaining else "—")
     )
     bar = Progress(
-        TextColumn(f"run {run}"),
+        TextColumn("run {task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(f"{rate:.2f} items/s · ETA {eta}"),
@@ -282,7 +313,7 @@ def _status_view(engine: Engine, run: str) -> tuple[Group, ledger.RunStatus]:
     if reasons:
         failures = Table(title="failures by reason", show_header=False, box=None)
         for reason, count in reasons:
-            failures.add_row(f"{count:,}", reason)
+            failures.add_row(f"{count:,}", escape(reason))
         parts.append(failures)
     return Group(*parts), status
 
@@ -336,13 +367,13 @@ def runs(ctx: typer.Context) -> None:
         open_items = run.status.total - run.status.done
         state = "cancelled" if run.cancelled else ("done" if not open_items else "running")
         table.add_row(
-            run.name,
+            escape(run.name),
             state,
             f"{counts['succeeded']:,}/{run.status.total:,}",
             f"{counts['failed']:,}",
             f"{open_items:,}",
-            run.model,
-            run.template,
+            escape(run.model),
+            escape(run.template),
             f"{run.created_at:%Y-%m-%d %H:%M}",
         )
     out.print(table)
@@ -356,7 +387,7 @@ def cancel(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run name
         engine = ledger_engine(settings)
         with engine.begin() as conn:
             cancelled = ledger.cancel_run(conn, ledger.run_id(conn, run))
-    out.print(f"run {run}: {cancelled:,} items cancelled; running items finish")
+    out.print(f"run {escape(run)}: {cancelled:,} items cancelled; running items finish")
 
 
 @app.command()
@@ -383,7 +414,7 @@ def retry(
         print(json.dumps(result))
     else:
         out.print(
-            f"run {run}: {result['retried']:,} items retried, {result['enqueued']:,} "
+            f"run {escape(run)}: {result['retried']:,} items retried, {result['enqueued']:,} "
             f"queued in {result['messages']:,} messages"
         )
 
@@ -402,19 +433,23 @@ def manifest(
     """JSON Lines, one per succeeded item: run, sku, shot, key, seed, sha256, bytes, prompt,
     negative prompt, model and generation parameters. Written to the bucket by itself when
     a run completes; --upload writes it again now."""
+    from producer.paths import check_output, open_output
+
     settings: Settings = ctx.obj
     with reported():
+        if out_file:
+            check_output(out_file, flag="--out")
         engine = ledger_engine(settings)
         if upload:
             from producer.bucket import Bucket
             from producer.downstream import write_manifest
 
             key, count = write_manifest(engine, Bucket(settings), run)
-            err.print(f"{count:,} items written to s3://{settings.s3_bucket}/{key}")
+            err.print(f"{count:,} items written to {escape(f's3://{settings.s3_bucket}/{key}')}")
             return
         with contextlib.ExitStack() as stack:
             sink = (
-                stack.enter_context(out_file.open("w", encoding="utf-8"))
+                stack.enter_context(open_output(out_file, flag="--out"))
                 if out_file
                 else (sys.stdout)
             )
@@ -424,7 +459,7 @@ def manifest(
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
     if out_file:
-        err.print(f"{count:,} items written to {out_file}")
+        err.print(f"{count:,} items written to {escape(str(out_file))}")
 
 
 @app.command()
@@ -440,15 +475,18 @@ def presign(
     systems read the private bucket with them, no credentials needed."""
     from producer.bucket import Bucket
     from producer.downstream import presigned
+    from producer.paths import check_output, open_output
 
     settings: Settings = ctx.obj
     with reported():
         if not 1 <= expires <= 7 * 24 * 3600:
             raise ConfigError(f"--expires must be 1-604800 seconds (S3's limit), got {expires}")
+        if out_file:
+            check_output(out_file, flag="--out")
         engine = ledger_engine(settings)
         with contextlib.ExitStack() as stack:
             sink = (
-                stack.enter_context(out_file.open("w", encoding="utf-8"))
+                stack.enter_context(open_output(out_file, flag="--out"))
                 if out_file
                 else (sys.stdout)
             )
@@ -456,59 +494,31 @@ def presign(
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
 @app.command()
 def flower(
     ctx: typer.Context,
     address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5555,
+    port: Annotated[int, typer.Option(help="Port to listen on.", callback=port_option)] = 5555,
 ) -> None:
     """Flower, the live dashboard of the workers and tasks, on the configured broker.
 
-    Basic authentication comes from SKUFLEET_FLOWER_BASIC_AUTH (user:password); without it
-    Flower starts only on the loopback address. Its state persists in SKUFLEET_CACHE_DIR and
-    it serves Prometheus metrics on /metrics.
+    Basic authentication comes from SKUFLEET_FLOWER_BASIC_AUTH (user:password, passwords of
+    12 characters or more) and guards every endpoint, /metrics and /healthcheck included;
+    without it Flower starts only on the loopback address. Its state persists in
+    SKUFLEET_CACHE_DIR and it serves Prometheus metrics on /metrics.
     """
+    from producer.flower import serve
+
     settings: Settings = ctx.obj
-    auth = settings.flower_basic_auth
-    if auth is None and address not in LOOPBACK:
-        fail(
-            ConfigError(
-                f"refusing to start Flower on {address} without authentication: set "
-                "SKUFLEET_FLOWER_BASIC_AUTH=user:password, or listen on 127.0.0.1"
-            )
-        )
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
-    # secrets travel in the environment, never on the command line where ps shows them
-    env["CELERY_BROKER_URL"] = settings.redis_url
-    if auth is not None:
-        env["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "flower",
-        f"--address={address}",
-        f"--port={port}",
-        "--persistent=True",
-        f"--db={settings.cache_dir / 'flower.db'}",
-        "--purge_offline_workers=3600",
-    ]
-    err.print(
-        f"Flower on http://{address}:{port}"
-        + (" (basic auth)" if auth is not None else " (no auth: loopback only)")
-    )
-    os.execvpe(sys.executable, command, env)
+    with reported():
+        serve(settings, address=address, port=port)
 
 
 @app.command()
 def metrics(
     ctx: typer.Context,
     address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9808,
+    port: Annotated[int, typer.Option(help="Port to listen on.", callback=port_option)] = 9808,
 ) -> None:
     """Prometheus metrics Flower lacks: queue depth per queue, items by status per run,
     images/s and seconds per image per device (served on /metrics)."""
@@ -516,13 +526,20 @@ def metrics(
 
     from producer.metrics import FleetCollector
     from producer.publish import Publisher
+    from schemas.names import ops_queue
 
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
-        REGISTRY.register(FleetCollector(settings, engine, Publisher(settings)))
-        start_http_server(port, addr=address)
-        err.print(f"metrics on http://{address}:{port}/metrics")
+        publisher = Publisher(settings)
+        # the broker answers at start; a later outage only leaves its samples out
+        publisher.queue_length(ops_queue(settings.queue_prefix))
+        REGISTRY.register(FleetCollector(settings, engine, publisher))
+        try:
+            start_http_server(port, addr=address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address}:{port}: {exc.strerror}") from exc
+        err.print(f"metrics on http://{escape(address)}:{port}/metrics")
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
@@ -590,12 +607,12 @@ def reconcile(
                     if not watch:
                         raise
                     # Redis or the database is away (a restart, a failover): try next pass
-                    err.print(f"reconcile: skipped a pass: {exc}")
+                    err.print(f"reconcile: skipped a pass: {escape(one_line(exc))}")
                 else:
                     if as_json:
                         print(json.dumps(report.as_dict()), flush=True)
                     else:
-                        err.print(f"reconcile: {report}")
+                        err.print(f"reconcile: {escape(str(report))}")
                 if not watch:
                     break
                 time.sleep(interval or settings.reconcile_seconds)
@@ -609,9 +626,13 @@ def beat(ctx: typer.Context) -> None:
     """
     from celery import Celery
 
+    from producer.publish import Publisher
     from schemas.names import TASK_RECONCILE, ops_queue
 
     settings: Settings = ctx.obj
+    with reported(), Publisher(settings) as publisher:
+        # Celery beat would wait for an unreachable broker for ever: say so and stop now
+        publisher.queue_length(ops_queue(settings.queue_prefix))
     app = Celery("skufleet-beat", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -662,8 +683,15 @@ def demo(
     settings: Settings = ctx.obj
     with reported():
         if stop:
-            pids = demo_module.stop(directory)
-            out.print(f"stopped {len(pids)} processes of the demo in {directory}")
+            report = demo_module.stop(directory)
+            for pid, why in report.refused:
+                err.print(f"left pid {pid} alone: it is not the process the demo started ({why})")
+            out.print(
+                f"stopped {len(report.stopped)} processes of the demo in {escape(str(directory))}"
+                + (f" ({len(report.gone)} had exited already)" if report.gone else "")
+            )
+            if report.refused:
+                raise typer.Exit(1)
             return
         result = demo_module.run_demo(
             settings,
@@ -675,17 +703,17 @@ def demo(
             console=err,
             keep=keep,
         )
-    table = Table(title=f"run {result.run}", show_header=False)
+    table = Table(title=f"run {escape(result.run)}", show_header=False)
     for name in ("succeeded", "failed"):
         table.add_row(name, str(result.counts[name]))
     table.add_row("rejected rows", str(result.summary.rejected + result.summary.duplicates))
     table.add_row("seconds", f"{result.seconds:.1f}")
     out.print(table)
-    out.print(f"{len(result.images)} images in {directory / 'images' / result.run}/")
+    out.print(f"{len(result.images)} images in {escape(str(directory / 'images' / result.run))}/")
     if keep:
         out.print(
-            f"the stack is still running (Flower at {result.flower}); stop it with: "
-            f"skufleet demo --stop --dir {directory}"
+            f"the stack is still running (Flower at {escape(str(result.flower))}); stop it with: "
+            f"skufleet demo --stop --dir {escape(str(directory))}"
         )
     if result.counts["failed"]:
         raise typer.Exit(1)

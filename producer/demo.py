@@ -6,6 +6,12 @@ credentials, and one worker per device; enqueues a catalogue with the ``tiny`` m
 any ``--model``), shows progress from the ledger, copies the finished images to
 ``<dir>/images/``, and stops everything it started, or with ``--keep`` leaves the stack up
 and says how to stop it (``skufleet demo --stop``).
+
+A kept stack is described in ``<dir>/stack.json`` (mode 0600): per process its pid, start
+time (field 22 of ``/proc/<pid>/stat``) and command line, so that ``--stop`` signals only
+processes that are still the ones it started, never a recycled pid or one a hand-edited file
+points at; and the variables that reach the stack, limited to what the demo made itself (its
+own Redis, S3 endpoint and keys, SQLite ledger), never a configured URL or key.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -62,6 +69,8 @@ class _Stack:
 
     directory: Path
     env: dict[str, str] = field(default_factory=dict)
+    generated: dict[str, str] = field(default_factory=dict)
+    """The part of ``env`` the demo made itself (its own services), kept in stack.json."""
     pids: list[int] = field(default_factory=list)
     grace: dict[int, float] = field(default_factory=dict)
     """Seconds a process gets between SIGTERM and SIGKILL, where not the default."""
@@ -79,34 +88,144 @@ class _Stack:
         return process
 
 
-def stop(directory: Path) -> list[int]:
-    """Stop what ``skufleet demo --keep`` left running in ``directory``; their pids."""
+GONE = "gone"
+"""Why a kept process was not signalled when it had exited already."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What tells one process from a later one with the same pid."""
+
+    start: int
+    """Field 22 of ``/proc/<pid>/stat``: clock ticks after boot when it started."""
+    cmdline: list[str]
+
+
+def identity(pid: int) -> Identity | None:
+    """The running (not zombie) process ``pid``'s identity, or None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # no such process, or not one this user may look at
+        return None
+    # the command name, field 2, is in parentheses and may hold spaces and parentheses
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # exited, waiting to be reaped
+        return None
+    args = [arg.decode(errors="surrogateescape") for arg in cmdline.rstrip(b"\0").split(b"\0")]
+    return Identity(start=int(fields[19]), cmdline=args)
+
+
+@dataclass
+class StopReport:
+    stopped: list[int] = field(default_factory=list)
+    """Processes of the demo that were signalled."""
+    gone: list[int] = field(default_factory=list)
+    """Processes of the demo that had already exited."""
+    refused: list[tuple[int, str]] = field(default_factory=list)
+    """Pids left alone, and why: not (or no longer) the process the demo started."""
+
+
+def _own(pid: int, recorded: Identity) -> str | None:
+    """Why ``pid`` is not the demo's process ``recorded`` (None if it is, and leads its
+    process group as the demo started it)."""
+    found = identity(pid)
+    if found is None:
+        return GONE
+    if found.start != recorded.start:
+        return f"it started at tick {found.start}, the demo's at {recorded.start}"
+    if found.cmdline != recorded.cmdline:
+        return f"its command line is {shlex.join(found.cmdline)[:200]!r}"
+    try:
+        if os.getpgid(pid) != pid:
+            return "it does not lead its own process group"
+    except ProcessLookupError:
+        return GONE
+    return None
+
+
+def _signal(pid: int, recorded: Identity, signum: signal.Signals) -> str | None:
+    """Signal the process group of ``pid`` if it is still the demo's; None if signalled."""
+    why = _own(pid, recorded)
+    if why is None:
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            return GONE
+    return why
+
+
+def stop(directory: Path) -> StopReport:
+    """Stop what ``skufleet demo --keep`` left running in ``directory``.
+
+    A process is signalled only while its start time and command line are still those
+    recorded when it was kept: a pid that now belongs to another process is left alone and
+    reported.
+    """
     path = directory / STACK_FILE
     if not path.exists():
         raise ConfigError(f"nothing to stop: {path} does not exist")
-    kept = json.loads(path.read_text())
-    pids = [int(pid) for pid in kept["pids"]]
-    grace = {int(pid): float(seconds) for pid, seconds in kept.get("grace", {}).items()}
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-    signalled = time.monotonic()
-    for pid in pids:
-        deadline = signalled + grace.get(pid, STOP_GRACE)
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-    path.unlink()
-    return pids
-
-
-def _alive(pid: int) -> bool:
+    if not Path("/proc/self/stat").exists():
+        raise ConfigError(
+            f"cannot tell the demo's processes from others here (no /proc): stop them by "
+            f"hand, see {path}"
+        )
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        kept = json.loads(path.read_text())
+        processes = [
+            (
+                int(entry["pid"]),
+                Identity(int(entry["start"]), [str(arg) for arg in entry["cmdline"]]),
+                float(entry.get("grace", STOP_GRACE)),
+            )
+            for entry in kept["processes"]
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a stack file skufleet wrote: {exc!r}") from exc
+    report = StopReport()
+    for pid, recorded, _grace in processes:
+        why = _signal(pid, recorded, signal.SIGTERM)
+        if why is None:
+            report.stopped.append(pid)
+        elif why == GONE:
+            report.gone.append(pid)
+        else:
+            report.refused.append((pid, why))
+    signalled = time.monotonic()
+    for pid, recorded, grace in processes:
+        if pid not in report.stopped:
+            continue
+        deadline = signalled + grace
+        while time.monotonic() < deadline and _own(pid, recorded) is None:
+            time.sleep(0.2)
+        _signal(pid, recorded, signal.SIGKILL)
+    path.unlink()
+    return report
+
+
+def _write_stack(stack: _Stack, flower: str) -> None:
+    """stack.json, mode 0600: what --stop needs to find and prove the kept processes, and
+    the variables (the demo's own services only) that reach the stack."""
+    processes = []
+    for pid in stack.pids:
+        found = identity(pid)
+        if found is None:
+            continue  # exited already: nothing to stop
+        processes.append(
+            {
+                "pid": pid,
+                "start": found.start,
+                "cmdline": found.cmdline,
+                "grace": stack.grace.get(pid, STOP_GRACE),
+            }
+        )
+    path = stack.directory / STACK_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file was there already
+    with os.fdopen(fd, "w") as sink:
+        json.dump(
+            {"processes": processes, "env": stack.generated, "flower": flower}, sink, indent=2
+        )
 
 
 def _services(
@@ -120,6 +239,7 @@ def _services(
         assert redis.process is not None
         stack.pids.append(redis.process.pid)
         overrides["redis_url"] = redis.url
+        stack.generated["SKUFLEET_REDIS_URL"] = redis.url
         console.print(f"started Redis at {redis.url} ({redis.binary})")
     if "SKUFLEET_S3_ENDPOINT_URL" not in os.environ:
         s3 = LocalS3(stack.directory / "s3").start()
@@ -128,10 +248,13 @@ def _services(
         stack.pids.append(s3.process.pid)
         stack.grace[s3.process.pid] = s3.stop_grace
         stack.env.update(s3.env())
+        # its keys were made here, for this server only; stack.json's mode 0600 guards them
+        stack.generated.update({**s3.env(), "SKUFLEET_S3_BUCKET": settings.s3_bucket})
         overrides["s3_endpoint_url"] = s3.endpoint_url
         console.print(f"started SeaweedFS S3 at {s3.endpoint_url}")
     if "SKUFLEET_DATABASE_URL" not in os.environ:
-        overrides["database_url"] = f"sqlite:///{stack.directory / 'ledger.db'}"
+        ledger_url = f"sqlite:///{stack.directory / 'ledger.db'}"
+        overrides["database_url"] = stack.generated["SKUFLEET_DATABASE_URL"] = ledger_url
     settings = settings.model_copy(update=overrides)
     stack.env.update(
         {
@@ -236,21 +359,7 @@ def run_demo(
             bucket.download(key, directory / "images" / key)
             images.append(directory / "images" / key)
         if keep:
-            (directory / STACK_FILE).write_text(
-                json.dumps(
-                    {
-                        "pids": stack.pids,
-                        "grace": stack.grace,
-                        "env": {
-                            k: v
-                            for k, v in stack.env.items()
-                            if not k.startswith(("AWS_", "SKUFLEET_FLOWER"))
-                        },
-                        "flower": flower,
-                    },
-                    indent=2,
-                )
-            )
+            _write_stack(stack, flower)
             cleanup.pop_all()  # leave it all running
     return DemoResult(
         run, summary, counts, images, time.monotonic() - started, flower, stack.pids if keep else []

@@ -2,22 +2,38 @@
 
 When a run's last open item is done, the worker that finished it (the one that wins
 ``ledger.complete_run``) calls :func:`complete`: the manifest goes to
-``<run>/manifest.jsonl`` in the bucket and the webhook, if configured, receives the totals.
+``<run>/manifest.jsonl`` in the bucket and, with a webhook configured, a ``run.completed``
+event with the totals goes into the ledger's outbox (``schemas.outbox``) and is sent at once.
+
+Delivery is one POST of the event's JSON body, ``http`` or ``https`` only, redirects not
+followed, :data:`WEBHOOK_TIMEOUT` seconds to connect and to answer, signed with
+``X-Skufleet-Signature: sha256=<HMAC-SHA256 of the body with SKUFLEET_WEBHOOK_SECRET>`` and
+carrying ``X-Skufleet-Event-Id`` (also ``"id"`` in the body) for the receiver to
+deduplicate. An event the webhook did not take with a 2xx is tried again by every reconciler
+pass once its backoff has passed (30 s, doubling, at most 1 h). Logs show the webhook as
+``scheme://host:port/…`` only (``schemas.redact``): its path and query often hold a token.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
+import http.client
 import json
 import logging
-import urllib.request
+import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from producer.bucket import Bucket
-from schemas import ledger
+from schemas import ledger, outbox
+from schemas.errors import LedgerUnavailable
 from schemas.key import check_run_name
+from schemas.redact import redact_url
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,24 +73,143 @@ def presigned(engine: Engine, bucket: Bucket, run: str, expires: int) -> Iterato
             }
 
 
-def notify(url: str, payload: dict[str, Any], timeout: float = 10.0) -> None:
-    """POST ``payload`` as JSON to the webhook; failures are logged, never raised."""
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(payload).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": "skufleet"},
+WEBHOOK_TIMEOUT = 5.0
+"""Seconds the webhook gets to accept the connection, and again for each read of its answer."""
+DELIVERIES_PER_PASS = 100
+"""Events one :func:`deliver_due` sends at most."""
+SIGNATURE_HEADER = "X-Skufleet-Signature"
+EVENT_ID_HEADER = "X-Skufleet-Event-Id"
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The ``X-Skufleet-Signature`` value: ``sha256=`` and the HMAC-SHA256 of ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def post(
+    url: str, body: bytes, headers: dict[str, str], timeout: float = WEBHOOK_TIMEOUT
+) -> str | None:
+    """POST ``body`` to ``url`` once, http or https only, following no redirect.
+
+    None when the webhook answered 2xx, otherwise why the event was not delivered, in words
+    that never include the URL's path or query.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return f"unsupported webhook URL scheme {parts.scheme!r}: use http or https"
+    if not parts.hostname:
+        return "the webhook URL has no host"
+    try:
+        port = parts.port
+    except ValueError:
+        return "the webhook URL's port is not a number from 0 to 65535"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection = (
+        http.client.HTTPSConnection(parts.hostname, port, timeout=timeout)
+        if parts.scheme == "https"
+        else http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            log.info("webhook %s answered %s", url, response.status)
-    except OSError as exc:
-        log.warning("webhook %s failed: %s", url, exc)
+        connection.request("POST", target, body=body, headers=headers)
+        with connection.getresponse() as response:
+            status = response.status
+            response.read(65536)  # a little of the answer, so the server sees it read
+    except http.client.InvalidURL:
+        return "the webhook URL is malformed"
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # OSError: refused, reset, timed out, TLS; ValueError: a host name IDNA rejects
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        connection.close()
+    if 200 <= status < 300:
+        return None
+    if 300 <= status < 400:
+        return f"answered {status}, a redirect: redirects are not followed"
+    return f"answered {status}"
 
 
-def complete(settings: Settings, engine: Engine, bucket: Bucket, run_id: int) -> bool:
+@functools.cache
+def _warn_unsigned(where: str) -> None:
+    log.warning("SKUFLEET_WEBHOOK_SECRET is not set: events to %s are sent unsigned", where)
+
+
+def send(settings: Settings, event: outbox.PendingEvent) -> str | None:
+    """POST one event to the configured webhook, signed when SKUFLEET_WEBHOOK_SECRET is
+    set; None when it was taken, otherwise why not (see :func:`post`)."""
+    url = settings.webhook_url
+    if not url:
+        return "no webhook is configured (SKUFLEET_WEBHOOK_URL)"
+    body = json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "skufleet",
+        EVENT_ID_HEADER: event.event_id,
+        "X-Skufleet-Event": event.kind,
+    }
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    if secret:
+        headers[SIGNATURE_HEADER] = sign(secret, body)
+    else:
+        _warn_unsigned(redact_url(url, keep_path=False))
+    return post(url, body, headers)
+
+
+@dataclass
+class Deliveries:
+    delivered: int = 0
+    """Events the webhook took."""
+    failed: int = 0
+    """Deliveries that failed; their events are due again after a backoff."""
+
+
+def deliver_due(settings: Settings, engine: Engine, limit: int = DELIVERIES_PER_PASS) -> Deliveries:
+    """Send the events that are due, oldest first, until one fails or ``limit`` are sent.
+
+    A webhook that is down, slow, redirecting or misconfigured costs one failed delivery
+    per call (and at most :data:`WEBHOOK_TIMEOUT` twice over), never an exception; the
+    event stays in the ledger and is due again later. Raises LedgerUnavailable when the
+    ledger is away.
+    """
+    done = Deliveries()
+    if not settings.webhook_url:
+        return done
+    where = redact_url(settings.webhook_url, keep_path=False)
+    for _ in range(limit):
+        claimed = outbox.claim_due(engine)
+        if not claimed:
+            break
+        event = claimed[0]
+        error = send(settings, event)
+        if error is None:
+            outbox.mark_delivered(engine, event.event_id)
+            done.delivered += 1
+            log.info("webhook %s took event %s (%s)", where, event.event_id, event.kind)
+            continue
+        retry_at = outbox.mark_failed(engine, event.event_id, error)
+        done.failed += 1
+        log.warning(
+            "webhook %s did not take event %s (%s, attempt %d): %s; next attempt at %s",
+            where,
+            event.event_id,
+            event.kind,
+            event.attempts,
+            error,
+            retry_at.isoformat(timespec="seconds") if retry_at else "never",
+        )
+        break  # the same webhook would most likely fail the next event too
+    return done
+
+
+def complete(
+    settings: Settings, engine: Engine, bucket: Bucket, run_id: int, *, deliver: bool = True
+) -> bool:
     """If run ``run_id`` has just finished (and this caller won), write its manifest and
-    call the webhook. Returns whether this caller completed the run."""
+    record its ``run.completed`` event, then (``deliver``) send the events that are due.
+    Returns whether this caller completed the run.
+
+    The event is recorded in the ledger before any delivery: a webhook that is down delays
+    it, the reconciler sends it later, and nothing here raises for the webhook.
+    """
     if not ledger.complete_run(engine, run_id):
         return False
     run = ledger.run_name(engine, run_id)
@@ -82,15 +217,22 @@ def complete(settings: Settings, engine: Engine, bucket: Bucket, run_id: int) ->
         return False
     try:
         key, items = write_manifest(engine, bucket, run)
+        with engine.connect() as conn:
+            status = ledger.run_status(conn, run)
+        if settings.webhook_url:
+            outbox.record(
+                engine,
+                run_id,
+                outbox.RUN_COMPLETED,
+                {**status.as_dict(), "bucket": bucket.name, "manifest": key},
+            )
     except Exception:
         ledger.reopen_run(engine, run_id)  # the reconciler completes it on a later pass
         raise
-    with engine.connect() as conn:
-        status = ledger.run_status(conn, run)
     log.info("run %s complete: %s; manifest of %d items at %s", run, status.counts, items, key)
-    if settings.webhook_url:
-        notify(
-            settings.webhook_url,
-            {**status.as_dict(), "event": "run.completed", "bucket": bucket.name, "manifest": key},
-        )
+    if deliver and settings.webhook_url:
+        try:
+            deliver_due(settings, engine)
+        except LedgerUnavailable as exc:
+            log.warning("run %s: its webhook event waits for the reconciler: %s", run, exc)
     return True

@@ -2,9 +2,11 @@
 
 1. stream the catalogue, render each row's shots from the template pack, and stage the
    items in a temporary table, thousands of rows per statement;
-2. merge the staged items into the run in three set-based statements: insert the new ones,
+2. merge the staged items into the run in a few set-based statements: insert the new ones,
    update the changed ones (prompt or parameters differ) back to pending, and count the
-   rest, so re-enqueuing an updated catalogue renders only what is new or changed;
+   rest, so re-enqueuing an updated catalogue renders only what is new or changed. Each
+   item's object key is fixed here; a record with an item whose key another item of the
+   run has is rejected (``key_collision``), naming both SKUs, before the merge;
 3. mark pending items queued, commit, and publish their messages: only committed rows are
    ever announced to the workers.
 """
@@ -201,6 +203,8 @@ class _Stager:
             for shot, params in shots:
                 rows.append(
                     {
+                        "record": outcome.number,
+                        "line": outcome.line,
                         "sku": outcome.sku,
                         "shot": shot.shot,
                         "prompt": shot.prompt,
@@ -213,6 +217,29 @@ class _Stager:
         self._check_tokens(rows, origins)
         self.items += len(rows)
         return rows
+
+    def reject_collisions(self, collisions: list[ledger.KeyCollision], dropped: int) -> None:
+        """Count and report records unstaged because an item's object key was taken; they
+        were counted as accepted when read. ``dropped``: their staged items."""
+        for found in collisions:
+            other = (
+                f"record {found.other_record}"
+                if found.other_record is not None
+                else "an item already in the run"
+            )
+            reject = Reject(
+                found.record,
+                found.line or 0,
+                "key_collision",
+                f"SKU {found.sku!r} shot {found.shot!r} would be stored at {found.key!r}, the "
+                f"object key of SKU {found.other_sku!r} shot {found.other_shot!r} ({other}); "
+                "no image may replace another's",
+            )
+            self.tally.read -= 1  # counted again, as rejected
+            self.tally.accepted -= 1
+            self.tally.count(reject)
+            self._write(reject.as_dict())
+        self.items -= dropped
 
     def _check_tokens(self, rows: list[dict[str, Any]], origins: list[Record]) -> None:
         """Report prompts SD 1.5 would cut at 77 tokens; the items are kept."""
@@ -316,12 +343,13 @@ def enqueue(
             request.pack.name,
             {**request.overrides, "batch_size": request.batch_size},
         )
-        staging = ledger.ItemStaging(conn)
+        staging = ledger.ItemStaging(conn, run_id)
         for chunk in _chunks(catalogue, STAGE_CHUNK):
             staging.add(stager.rows(chunk))
             if progress is not None:
                 progress("read", stager.tally.read)
-        summary.new, summary.changed, summary.in_flight = staging.merge(run_id)
+        stager.reject_collisions(*staging.drop_collisions())
+        summary.new, summary.changed, summary.in_flight = staging.merge()
 
     tally = stager.tally
     summary.read, summary.accepted = tally.read, tally.accepted

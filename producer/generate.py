@@ -71,9 +71,9 @@ def generate(
     # 1. the items, then their messages
     with engine.begin() as conn:
         run_id = ledger.upsert_run(conn, run, model, seed, "generate", overrides)
-        staging = ledger.ItemStaging(conn)
+        staging = ledger.ItemStaging(conn, run_id)
         staging.add(rows)
-        staging.merge(run_id)
+        staging.merge()
     queue = render_queue(settings.queue_prefix, model)
     with Publisher(settings) as publisher:
         publish_pending(engine, publisher, run_id, model, queue, batch_size=count)

@@ -8,7 +8,10 @@ One pass:
    empty lost their message (a broker restart without persistence, a flush) and get a new
    one. A duplicate is harmless: each item is claimed once;
 3. finished runs that were never marked complete (their last worker died, or the manifest
-   could not be written) get their manifest and webhook.
+   could not be written) get their manifest and webhook event;
+4. webhook events that are due (new, or failed before and past their backoff) are sent. A
+   webhook that is down, slow, redirecting or misconfigured never stops the pass: its event
+   stays in the ledger for a later one.
 
 Run by ``skufleet reconcile [NAME] [--watch]`` and by the ``skufleet.reconcile`` beat task.
 """
@@ -44,6 +47,10 @@ class ReconcileReport:
     messages: int = 0
     completed: int = 0
     """Finished runs whose manifest and webhook were still due."""
+    delivered: int = 0
+    """Webhook events the webhook took."""
+    undelivered: int = 0
+    """Webhook deliveries that failed; their events are tried again after a backoff."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -52,7 +59,8 @@ class ReconcileReport:
         return (
             f"{self.expired} expired leases requeued, {self.dead_lettered} dead-lettered, "
             f"{self.republished} lost messages republished ({self.messages} messages), "
-            f"{self.completed} runs completed"
+            f"{self.completed} runs completed, {self.delivered} webhook events delivered"
+            + (f" ({self.undelivered} failed, kept for retry)" if self.undelivered else "")
         )
 
 
@@ -112,5 +120,11 @@ def _reconcile(
         finished = [r for r in finished if r == run_id]
     if finished:
         bucket = Bucket(settings)
-        report.completed = sum(downstream.complete(settings, engine, bucket, r) for r in finished)
+        report.completed = sum(
+            downstream.complete(settings, engine, bucket, r, deliver=False) for r in finished
+        )
+
+    # 4. webhook events: new ones and those whose backoff has passed
+    deliveries = downstream.deliver_due(settings, engine)
+    report.delivered, report.undelivered = deliveries.delivered, deliveries.failed
     return report

@@ -2,7 +2,14 @@
 
 A SKU may contain anything a spreadsheet allows: slashes, ``..``, control characters, spaces,
 emoji. Keys are built only from normalised segments, so no catalogue value can reach outside
-its run's prefix, and two different SKUs never share a key.
+its run's prefix, and the scheme is injective: no SKU text can produce another SKU's key.
+
+- A SKU made only of ``A-Z a-z 0-9 . _ -`` (at most 100 characters, not only dots) is kept
+  verbatim: ``spring/SHOE-1001/front.png``.
+- Any other SKU becomes ``<cleaned>~<hash>``: the cleaned text for readability, then ``~``
+  and 16 hex digits of the SHA-256 of the original. A verbatim segment never contains
+  ``~``, so the two kinds cannot meet, and two different non-verbatim SKUs differ in their
+  hash. The ledger backs this with a unique (run, object key) constraint.
 """
 
 from __future__ import annotations
@@ -13,14 +20,19 @@ import unicodedata
 
 from schemas.errors import ConfigError
 
+_VERBATIM = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_SEGMENT = 100
+MARKER = "~"
+"""Separates a cleaned segment from its hash; never part of a verbatim segment."""
+HASH_DIGITS = 16
+"""64 bits of SHA-256: a collision among a billion distinct SKUs is about 3 in 100,000."""
 
 
 def check_run_name(name: str) -> str:
     """Return ``name`` if it is a valid run name (it becomes the object key prefix)."""
-    if not _RUN_NAME.match(name) or ".." in name:
+    if not _RUN_NAME.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"invalid run name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -28,18 +40,22 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def safe_segment(value: str) -> str:
-    """Normalise ``value`` to one safe key segment.
+def is_verbatim(value: str) -> bool:
+    """Whether ``value`` is used in a key as it is."""
+    return _VERBATIM.fullmatch(value) is not None and value.strip(".") != ""
 
-    A value that is already safe is kept as it is. Any other value is cleaned (NFKC, unsafe
-    runs replaced by ``-``, length capped) and suffixed with a hash of the original, so that
-    ``A/B`` and ``A-B`` stay two different keys.
-    """
-    if value and len(value) <= MAX_SEGMENT and _UNSAFE.search(value) is None and value.strip("."):
+
+def safe_segment(value: str) -> str:
+    """Normalise ``value`` to one safe key segment (see the module docstring)."""
+    if is_verbatim(value):
         return value
-    cleaned = _UNSAFE.sub("-", unicodedata.normalize("NFKC", value)).strip("-.")[:MAX_SEGMENT]
-    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    return f"{cleaned}-{digest}" if cleaned else digest
+    # readable where it can be: accents dropped (ü → u), every other unsafe run becomes '-'
+    letters = "".join(
+        ch for ch in unicodedata.normalize("NFKD", value) if not unicodedata.combining(ch)
+    )
+    cleaned = _UNSAFE.sub("-", letters).strip("-.")[:MAX_SEGMENT]
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_DIGITS]
+    return f"{cleaned.rstrip('-.')}{MARKER}{digest}" if cleaned else f"{MARKER}{digest}"
 
 
 def object_key(run: str, sku: str, shot: str, extension: str = "png") -> str:

@@ -8,6 +8,7 @@ its claim returned, so a stale worker's late finish is refused.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from schemas.errors import ConfigError, LedgerUnavailable, SchemaMissingError
+from schemas.key import object_key
+from schemas.output import OutputSpec
 from schemas.params import GenerationParams
 from schemas.tables import SCHEMA_REVISION, Item, ItemStatus, Run
 
@@ -144,21 +147,52 @@ CONTENT = (
 """What an item is made from; a change in any of these means rendering it again."""
 
 
+@functools.lru_cache(maxsize=1024)
+def _extension(output: str) -> str:
+    """The object key extension of an item's output spec (JSON); a catalogue has few."""
+    return OutputSpec.from_json(output).extension
+
+
+@dataclass(frozen=True)
+class KeyCollision:
+    """A staged record one of whose items would be stored at a key another item has."""
+
+    record: int
+    """The record's number in the catalogue (or the staged row's position)."""
+    line: int | None
+    sku: str
+    shot: str
+    key: str
+    other_sku: str
+    other_shot: str
+    other_record: int | None
+    """The other item's record in this catalogue; None: an item already in the run."""
+
+
 class ItemStaging:
     """A temporary table the producer fills with a catalogue's items, then merges into a run.
 
-    Rows are dicts with ``sku``, ``shot`` and the :data:`CONTENT` columns. Merging is three
-    set-based statements, so a catalogue of any size needs no memory in the producer.
+    Rows are dicts with ``sku``, ``shot`` and the :data:`CONTENT` columns, and optionally
+    the ``record`` and ``line`` they come from (for reports; the items of one record are
+    accepted or rejected together). Each row's object key is computed here, from the run's
+    name and the row's output spec, so every producer stores the same key for an item.
+    Merging is a few set-based statements, so a catalogue of any size needs no memory in the
+    producer.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, run_id: int) -> None:
         self.conn = conn
+        self.run_id = run_id
+        self.run = str(conn.execute(sa.select(Run.name).where(Run.id == run_id)).scalar_one())
         self.table = sa.Table(
             f"skufleet_staging_{secrets.token_hex(4)}",
             sa.MetaData(),
             sa.Column("position", sa.Integer, nullable=False),
+            sa.Column("record", sa.Integer, nullable=False),
+            sa.Column("line", sa.Integer, nullable=True),
             sa.Column("sku", sa.String(256), nullable=False),
             sa.Column("shot", sa.String(64), nullable=False),
+            sa.Column("object_key", Item.__table__.c.object_key.type, nullable=False),
             *(sa.Column(name, Item.__table__.c[name].type, nullable=False) for name in CONTENT),
             prefixes=["TEMPORARY"],
         )
@@ -174,6 +208,11 @@ class ItemStaging:
             return
         for position, row in enumerate(rows, self.rows):
             row["position"] = position
+            row.setdefault("record", position)
+            row.setdefault("line", None)
+            row["object_key"] = object_key(
+                self.run, row["sku"], row["shot"], _extension(row["output"])
+            )
         self.rows += len(rows)
         if self.conn.dialect.name != "postgresql":
             self.conn.execute(self.table.insert(), rows)
@@ -184,16 +223,89 @@ class ItemStaging:
             for row in rows:
                 copy.write_row([row[name] for name in names])
 
-    def merge(self, run_id: int) -> tuple[int, int, int]:
-        """Merge into run ``run_id`` and drop the table: ``(new, changed, in_flight)``.
+    def drop_collisions(self) -> tuple[list[KeyCollision], int]:
+        """Unstage every record with an item whose object key another item of the run has
+        (an earlier staged item or one already in the run, of another sku or shot):
+        ``(one collision per dropped record, staged rows dropped)``.
 
-        New (sku, shot) pairs are inserted as pending. Items whose content differs are
-        updated and go back to pending (queued ones stay queued: their message renders the
-        new content), with the attempt cap counted afresh. Changed items a worker holds
-        right now (running) are left alone and counted as in flight.
+        The key scheme is injective, so this finds nothing unless two SKUs' hashes collide
+        or an item kept a key of an older scheme; the unique (run, key) constraint would
+        otherwise refuse the whole merge.
         """
         items: sa.Table = Item.__table__  # type: ignore[assignment]
-        staging, now = self.table, utcnow()
+        staged, earlier = self.table.alias("staged"), self.table.alias("earlier")
+        # keys staged twice, found by one aggregate: almost always none, so the self-join
+        # below has almost nothing to join
+        twice = (
+            sa.select(self.table.c.object_key)
+            .group_by(self.table.c.object_key)
+            .having(sa.func.count() > 1)
+        )
+        mine = (
+            staged.c.position,
+            staged.c.record,
+            staged.c.line,
+            staged.c.sku,
+            staged.c.shot,
+            staged.c.object_key,
+        )
+        other_item = sa.or_(items.c.sku != staged.c.sku, items.c.shot != staged.c.shot)
+        other_row = sa.or_(earlier.c.sku != staged.c.sku, earlier.c.shot != staged.c.shot)
+        found = self.conn.execute(
+            sa.union_all(
+                sa.select(*mine, earlier.c.sku, earlier.c.shot, earlier.c.record)
+                .join(
+                    earlier,
+                    sa.and_(
+                        earlier.c.object_key == staged.c.object_key,
+                        earlier.c.position < staged.c.position,
+                        other_row,
+                    ),
+                )
+                .where(staged.c.object_key.in_(twice)),
+                sa.select(*mine, items.c.sku, items.c.shot, sa.null()).join(
+                    items,
+                    sa.and_(
+                        items.c.run_id == self.run_id,
+                        items.c.object_key == staged.c.object_key,
+                        other_item,
+                    ),
+                ),
+            ).order_by(sa.literal_column("position"))
+        ).all()
+        collisions: dict[int, KeyCollision] = {}
+        for row in found:
+            if row.record not in collisions:
+                collisions[row.record] = KeyCollision(
+                    record=int(row.record),
+                    line=row.line,
+                    sku=row.sku,
+                    shot=row.shot,
+                    key=row.object_key,
+                    other_sku=row[6],
+                    other_shot=row[7],
+                    other_record=row[8],
+                )
+        dropped = 0
+        records = list(collisions)
+        for start in range(0, len(records), 1000):
+            dropped += self.conn.execute(
+                self.table.delete().where(self.table.c.record.in_(records[start : start + 1000]))
+            ).rowcount
+        return list(collisions.values()), dropped
+
+    def merge(self) -> tuple[int, int, int]:
+        """Merge into the run and drop the table: ``(new, changed, in_flight)``.
+
+        New (sku, shot) pairs are inserted as pending, with their object key. Items whose
+        content differs are updated (their key too: a new format has a new extension) and go
+        back to pending (queued ones stay queued: their message renders the new content),
+        with the attempt cap counted afresh. Changed items a worker holds right now
+        (running) are left alone and counted as in flight. An item without a key gets its
+        key. Call :meth:`drop_collisions` first: a key taken twice fails the merge.
+        """
+        items: sa.Table = Item.__table__  # type: ignore[assignment]
+        staging, now, run_id = self.table, utcnow(), self.run_id
         same_item = sa.and_(
             items.c.run_id == run_id, items.c.sku == staging.c.sku, items.c.shot == staging.c.shot
         )
@@ -205,6 +317,7 @@ class ItemStaging:
                     "run_id",
                     "sku",
                     "shot",
+                    "object_key",
                     *CONTENT,
                     "status",
                     "attempts",
@@ -216,6 +329,7 @@ class ItemStaging:
                     sa.literal(run_id),
                     staging.c.sku,
                     staging.c.shot,
+                    staging.c.object_key,
                     *(staging.c[name] for name in CONTENT),
                     sa.literal(ItemStatus.PENDING.value),
                     sa.literal(0),
@@ -233,6 +347,7 @@ class ItemStaging:
             .where(same_item, differs, items.c.status != ItemStatus.RUNNING.value)
             .values(
                 **{name: staging.c[name] for name in CONTENT},
+                object_key=staging.c.object_key,
                 status=sa.case(
                     (items.c.status == ItemStatus.QUEUED.value, ItemStatus.QUEUED.value),
                     else_=ItemStatus.PENDING.value,
@@ -245,6 +360,11 @@ class ItemStaging:
                 updated_at=now,
             )
         ).rowcount
+        self.conn.execute(
+            items.update()
+            .where(same_item, items.c.object_key.is_(None))
+            .values(object_key=staging.c.object_key, updated_at=now)
+        )
         in_flight = self.conn.execute(
             sa.select(sa.func.count())
             .select_from(items.join(staging, same_item))
@@ -317,9 +437,12 @@ def record_enqueue(conn: Connection, run_id: int, stats: dict[str, Any]) -> None
 
 @dataclass(frozen=True)
 class Claim:
-    """An item a worker won: everything needed to render it, and its fencing token."""
+    """An item a worker won: everything needed to render and store it, all read from its
+    row (never from the message), and its fencing token."""
 
     id: int
+    run_id: int
+    run_name: str
     sku: str
     shot: str
     prompt: str
@@ -328,12 +451,25 @@ class Claim:
     params: GenerationParams
     output: str
     """The item's OutputSpec as JSON."""
+    object_key: str | None
+    """Where the image goes, fixed at enqueue (None only for a row no enqueue has keyed)."""
     attempt: int
     attempts_before_retry: int = 0
     """Attempts made before the item was last retried or changed; the cap counts after it."""
 
     def may_retry(self, max_attempts: int) -> bool:
         return self.attempt - self.attempts_before_retry < max_attempts
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """What a claim found: the run, why the message was refused (if it was), what it won."""
+
+    run_name: str | None
+    """None: the message names no existing run."""
+    refused: str | None
+    """One line, when the message does not match the ledger: then nothing was claimed."""
+    claims: list[Claim]
 
 
 def unavailable(exc: DBAPIError, engine: Engine) -> LedgerUnavailable:
@@ -346,18 +482,54 @@ def run_name(engine: Engine, run_id: int) -> str | None:
         return conn.execute(sa.select(Run.name).where(Run.id == run_id)).scalar()
 
 
-def claim(
-    engine: Engine, item_ids: Sequence[int], worker: str, device: str, lease_seconds: int
-) -> list[Claim]:
-    """queued → running for those of ``item_ids`` that are still queued; one UPDATE.
+def _refusal(
+    conn: Connection, run_id: int, model: str, item_ids: Sequence[int]
+) -> tuple[str | None, str | None]:
+    """``(run name, reason)``: the reason is None when every item of the message is an item
+    of run ``run_id`` and that run is drawn with ``model``."""
+    wanted = sorted(set(item_ids))
+    ours = (
+        sa.select(sa.func.count())
+        .where(Item.id.in_(wanted), Item.run_id == run_id)
+        .scalar_subquery()
+    )
+    run = conn.execute(sa.select(Run.name, Run.model, ours).where(Run.id == run_id)).first()
+    if run is None:
+        return None, f"no run with id {run_id}"
+    name, run_model, found = run
+    if run_model != model:
+        return name, f"run {name} is for model {run_model!r}, not {model!r}"
+    if found != len(wanted):
+        return name, f"{len(wanted) - found} of the message's items are not items of run {name}"
+    return name, None
 
-    Items already running elsewhere, succeeded or failed are not returned: the caller renders
-    only what it won, so a duplicate message is harmless.
+
+def claim(
+    engine: Engine,
+    run_id: int,
+    model: str,
+    item_ids: Sequence[int],
+    worker: str,
+    device: str,
+    lease_seconds: int,
+) -> ClaimResult:
+    """queued → running for those of ``item_ids`` that are items of run ``run_id``, whose
+    model is ``model`` (the one the worker holds), and are still queued; one transaction.
+
+    A message that names another run's items, or a run of another model, or no run, is
+    refused as a whole: nothing is claimed and the reason is returned. Items already running
+    elsewhere, succeeded, failed or cancelled are not returned: the caller renders only what
+    it won, so a duplicate message is harmless.
     """
     now = utcnow()
     statement = (
         sa.update(Item)
-        .where(Item.id.in_(item_ids), Item.status == ItemStatus.QUEUED)
+        .where(
+            Item.id.in_(item_ids),
+            Item.run_id == run_id,
+            Item.run_id.in_(sa.select(Run.id).where(Run.id == run_id, Run.model == model)),
+            Item.status == ItemStatus.QUEUED,
+        )
         .values(
             status=ItemStatus.RUNNING,
             attempts=Item.attempts + 1,
@@ -369,6 +541,7 @@ def claim(
         )
         .returning(
             Item.id,
+            Item.run_id,
             Item.sku,
             Item.shot,
             Item.prompt,
@@ -380,18 +553,24 @@ def claim(
             Item.guidance_scale,
             Item.scheduler,
             Item.output,
+            Item.object_key,
             Item.attempts,
             Item.attempts_before_retry,
         )
     )
     try:
         with engine.begin() as conn:
+            name, refused = _refusal(conn, run_id, model, item_ids)
+            if name is None or refused is not None:
+                return ClaimResult(name, refused, [])
             rows = conn.execute(statement).all()
     except DBAPIError as exc:
         raise unavailable(exc, engine) from exc
     claims = [
         Claim(
             id=int(r.id),
+            run_id=int(r.run_id),
+            run_name=name,
             sku=r.sku,
             shot=r.shot,
             prompt=r.prompt,
@@ -405,12 +584,13 @@ def claim(
                 scheduler=r.scheduler,
             ),
             output=r.output,
+            object_key=r.object_key,
             attempt=int(r.attempts),
             attempts_before_retry=int(r.attempts_before_retry),
         )
         for r in rows
     ]
-    return sorted(claims, key=lambda c: c.id)
+    return ClaimResult(name, None, sorted(claims, key=lambda c: c.id))
 
 
 def _fenced_update(engine: Engine, item: Claim, values: dict[str, Any]) -> bool:
@@ -431,17 +611,15 @@ def _fenced_update(engine: Engine, item: Claim, values: dict[str, Any]) -> bool:
     return result.rowcount == 1
 
 
-def finish(
-    engine: Engine, item: Claim, key: str, byte_size: int, sha256: str, render_seconds: float
-) -> bool:
-    """running → succeeded, only while the item is still ours (attempt fence)."""
+def finish(engine: Engine, item: Claim, byte_size: int, sha256: str, render_seconds: float) -> bool:
+    """running → succeeded, only while the item is still ours (attempt fence). The object
+    is the one at the item's key, fixed at enqueue."""
     now = utcnow()
     return _fenced_update(
         engine,
         item,
         {
             "status": ItemStatus.SUCCEEDED,
-            "object_key": key,
             "byte_size": byte_size,
             "sha256": sha256,
             "render_seconds": render_seconds,

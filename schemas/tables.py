@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 """The Alembic revision this code expects; ``skufleet db upgrade`` brings a database to it."""
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
@@ -83,6 +83,8 @@ class Item(Base):
     __tablename__ = "items"
     __table_args__ = (
         UniqueConstraint("run_id", "sku", "shot", name="uq_items_run_sku_shot"),
+        # no two items of a run may ever write the same object (see schemas.key)
+        UniqueConstraint("run_id", "object_key", name="uq_items_run_object_key"),
         # (run_id, status, id): counts by status, and pending items of a run in id order
         Index("ix_items_run_status", "run_id", "status", "id"),
     )
@@ -126,7 +128,32 @@ class Item(Base):
     render_seconds: Mapped[float | None] = mapped_column(Float)
     """Wall time of the batch this item was rendered in, divided by the batch's size."""
     object_key: Mapped[str | None] = mapped_column(String(1024))
+    """Where the item's image is stored, fixed when the item is enqueued (``schemas.key``)."""
     byte_size: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Event(Base):
+    """An outbox of events for the webhook: written in the ledger first, delivered after.
+
+    A run's completion writes its event here; delivery (the webhook POST) is retried with
+    backoff until it is answered, so an event is never lost to a webhook that is down.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_pending", "delivered_at", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    """Sent to the receiver (``X-Skufleet-Event-Id`` and in the body), so it can deduplicate."""
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    """``run.completed`` or ``run.updated``."""
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import time
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.catalogue import MAX_FIELD_CHARS, Catalogue, Record, Reject, Tally
+from producer.catalogue import MAX_FIELD_CHARS, MAX_LINE_BYTES, Catalogue, Record, Reject, Tally
 from schemas.errors import CatalogueError
 
 
@@ -165,3 +169,159 @@ def test_every_record_read_is_accounted_for(
     for record in (o for o in outcomes if isinstance(o, Record)):
         first = next(csv.reader(io.StringIO(physical[record.line - 1])))
         assert first[0].strip() == record.sku
+
+
+def catalogue_file(tmp_path: Path, content: bytes, name: str = "c.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+def test_an_over_long_line_is_too_long_and_read_in_constant_memory(tmp_path: Path) -> None:
+    """A 5 MB line is one too_long reject, read past in chunks: memory stays far below the
+    line's size, and the records after it go in."""
+    path = catalogue_file(tmp_path, b"sku,title\nA," + b"x" * (5 << 20) + b"\nB,ok\nC,fine\n")
+    tracemalloc.start()
+    outcomes, tally = read(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rejects(outcomes) == [(1, 2, "too_long")]
+    assert outcomes[0].detail == f"line 2 is over {MAX_LINE_BYTES:,} bytes"  # type: ignore[union-attr]
+    assert [(o.sku, o.line) for o in outcomes if isinstance(o, Record)] == [("B", 3), ("C", 4)]
+    assert tally.accepted + tally.rejected + tally.duplicates == tally.read == 3
+    assert peak < 2.5 * MAX_LINE_BYTES  # the line is 5 MiB
+
+
+def test_a_quoted_field_over_many_short_lines_is_too_long_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    """An open quote that swallows 20 MB of short lines stops at MAX_LINE_BYTES: the record
+    is too_long, parsing resumes on the next line, and memory stays bounded."""
+    swallowed = b"y" * 1000 + b"\n"
+    path = catalogue_file(tmp_path, b'sku,title\nA,"' + swallowed * 20_000 + b'"\nB,ok\n')
+    tracemalloc.start()
+    outcomes, tally = read(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rejects(outcomes)[0] == (1, 2, "too_long")
+    assert f"runs over {MAX_LINE_BYTES:,} bytes" in outcomes[0].detail  # type: ignore[union-attr]
+    assert tally.accepted + tally.rejected + tally.duplicates == tally.read == len(outcomes)
+    assert peak < 10 * MAX_LINE_BYTES  # the field is 20 MB (80 MB in the csv module's buffer)
+
+
+def test_a_record_over_the_cap_across_many_fields_is_too_long(tmp_path: Path) -> None:
+    """Many quoted fields, each short but together over MAX_LINE_BYTES, make the record
+    too_long before it is held whole."""
+    field = b'"' + b"z" * 100_000 + b"\n" + b"z" * 100_000 + b'"'
+    path = catalogue_file(tmp_path, b"sku,title\nA," + b",".join([field] * 12) + b"\nB,ok\n")
+    outcomes, tally = read(path)
+    assert rejects(outcomes)[0] == (1, 2, "too_long")
+    assert f"the record runs over {MAX_LINE_BYTES:,} bytes" in outcomes[0].detail  # type: ignore[union-attr]
+    assert tally.accepted + tally.rejected + tally.duplicates == tally.read
+
+
+def test_an_over_long_header_is_refused(tmp_path: Path) -> None:
+    """A header line over MAX_LINE_BYTES stops the run with one line saying so."""
+    path = catalogue_file(tmp_path, b"sku,title," + b"h" * (2 << 20) + b"\nA,b,c\n")
+    with pytest.raises(CatalogueError, match=f"the header's line 1 is over {MAX_LINE_BYTES:,}"):
+        Catalogue(path)
+
+
+def test_repeated_columns_are_found_in_linear_time(tmp_path: Path) -> None:
+    """A 100,000-column header with one repeat is checked at once (the quadratic check took
+    minutes), and the error names only the repeated column."""
+    names = ["sku", "title", *(f"c{i}" for i in range(100_000)), "c7"]
+    path = catalogue_file(tmp_path, ",".join(names).encode() + b"\n")
+    started = time.monotonic()
+    with pytest.raises(CatalogueError, match=r"column 'c7' appears twice$"):
+        Catalogue(path)
+    assert time.monotonic() - started < 20  # generous: about 0.1 s here, minutes before
+
+
+def _zip_bytes() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("c.csv", "sku,title\nA,b\n")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a PNG image, not CSV"),
+        (gzip.compress(b"sku,title\nA,b\n"), "is a gzip file, not CSV: decompress it first"),
+        (_zip_bytes(), "is a zip archive (an .xlsx workbook is one), not CSV"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "is a PDF document, not CSV"),
+        ("sku,title\nA,b\n".encode("utf-16"), "is UTF-16 text, not CSV: save it as UTF-8"),
+        ("sku,title\nA,b\n".encode("utf-16-le"), "has NUL bytes in its header line"),
+        (b"sku,title\rA,b\rB,c\r", "has old Mac line endings (CR only)"),
+    ],
+    ids=["png", "gzip", "zip", "pdf", "utf16-bom", "utf16-no-bom", "cr-only"],
+)
+def test_a_file_that_is_not_a_csv_is_refused_naming_what_it_is(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    """Images, archives, PDFs, UTF-16 and old Mac line endings are one clear line each."""
+    path = catalogue_file(tmp_path, content, "x.csv.gz")
+    with pytest.raises(CatalogueError) as caught:
+        Catalogue(path)
+    assert str(caught.value).startswith(f"catalogue {path} {message}")
+
+
+@pytest.mark.parametrize(
+    ("where", "kind"), [("directory", "a directory"), ("/dev/null", "a character device")]
+)
+def test_a_catalogue_that_is_not_a_regular_file_is_refused(
+    tmp_path: Path, where: str, kind: str
+) -> None:
+    """A directory or a device given as the catalogue is one line naming what it is."""
+    path = tmp_path if where == "directory" else Path(where)
+    with pytest.raises(CatalogueError, match=f"^catalogue {path} is {kind}, not a CSV file$"):
+        Catalogue(path)
+
+
+def test_an_unknown_encoding_is_refused_by_name(tmp_path: Path) -> None:
+    """--encoding with a typo names the encoding."""
+    path = catalogue_file(tmp_path, b"sku,title\nA,b\n")
+    with pytest.raises(CatalogueError, match="unknown encoding 'utf-9'"):
+        Catalogue(path, encoding="utf-9")
+
+
+@pytest.mark.parametrize(
+    ("sku", "detail"),
+    [
+        ("A\u2028B", "a line separator U+2028 (LINE SEPARATOR)"),
+        ("A\u2029", "a paragraph separator U+2029 (PARAGRAPH SEPARATOR)"),
+        ("\u202eA-1", "a format character U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ("A\u200bB", "a format character U+200B (ZERO WIDTH SPACE)"),
+        ("\ufeffA", "a format character U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
+        ("A\x85", "a control character U+0085"),
+        ("A\x1f", "a control character U+001F"),
+        ('"A\n"', "a control character U+000A"),
+        ("A\ue000", "a private-use character U+E000"),
+        ("A\U000e0001", "a format character U+E0001 (LANGUAGE TAG)"),
+    ],
+)
+def test_skus_with_control_format_or_separator_characters_are_invalid(
+    tmp_path: Path, sku: str, detail: str
+) -> None:
+    """Invisible or line-breaking characters anywhere in a SKU reject it, even at its ends
+    (where plain strip() used to hide some of them); the detail names the character."""
+    path = catalogue_file(tmp_path, f"sku,title\n{sku},x\n \u00a0OK\t,y\n".encode())
+    outcomes, _ = read(path)
+    assert rejects(outcomes) == [(1, 2, "invalid_sku")]
+    assert outcomes[0].detail.endswith(f"has {detail}")  # type: ignore[union-attr]
+    assert outcomes[1].sku == "OK"  # type: ignore[union-attr]  # spaces and tabs are trimmed
+
+
+def test_skus_equal_after_nfc_normalisation_are_duplicates(tmp_path: Path) -> None:
+    """'é' written as one character and as 'e' plus a combining accent is one SKU: the
+    second is a duplicate, and the accepted one keeps its own spelling."""
+    path = catalogue_file(
+        tmp_path, "sku,title\ncaf\u00e9,one\ncafe\u0301,two\ncafe,three\n".encode()
+    )
+    outcomes, tally = read(path)
+    assert rejects(outcomes) == [(2, 3, "duplicate")]
+    assert "compared in Unicode NFC form" in outcomes[1].detail  # type: ignore[union-attr]
+    assert [o.sku for o in outcomes if isinstance(o, Record)] == ["caf\u00e9", "cafe"]
+    assert (tally.accepted, tally.duplicates) == (2, 1)

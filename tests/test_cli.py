@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
 from pathlib import Path
 
-from tests.conftest import EXAMPLES, Fleet
+import pytest
+import sqlalchemy as sa
+
+from producer.db import upgrade
+from producer.services import free_port
+from schemas import ledger
+from schemas.errors import (
+    BrokerUnavailable,
+    CatalogueError,
+    ConfigError,
+    ItemError,
+    LedgerUnavailable,
+    ModelLoadError,
+    SchemaMissingError,
+    SkufleetError,
+    StorageUnavailable,
+    exit_code,
+)
+from schemas.tables import Item, ItemStatus
+from tests.conftest import BIN, EXAMPLES, Fleet, postgres_only
 
 
 def test_commands_before_db_upgrade_say_to_run_it(fleet: Fleet) -> None:
@@ -158,3 +180,155 @@ prompt = "{{ title }} in {{ material }}"
     ]
     assert "'material' is undefined" in entries[0]["detail"]
     assert "'Hats'" in entries[1]["detail"] and "mugs, rugs" in entries[1]["detail"]
+
+
+PASSWORD = "s3cr3t-pa55"
+"""Put in every URL below; it must never appear in what a command prints."""
+
+
+def skufleet(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installed command with ``env`` over this environment, 200 columns wide."""
+    return subprocess.run(
+        [str(BIN / "skufleet"), *args],
+        env={**os.environ, "COLUMNS": "200", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """The one line a failed command printed, checked: exit ``code``, nothing else on stderr,
+    no password anywhere."""
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    return lines[0]
+
+
+def with_env(fleet: Fleet, **env: str) -> Fleet:
+    return dataclasses.replace(fleet, env={**fleet.env, **env})
+
+
+def test_every_error_class_exits_with_the_documented_code() -> None:
+    """0 all done, 1 finished with failures, 2 usage or configuration, 3 a service
+    unreachable: one function maps every skufleet error for every entry point."""
+    assert [
+        exit_code(error)
+        for error in (
+            SkufleetError(),
+            ItemError(),
+            ValueError(),
+            ConfigError(),
+            SchemaMissingError(),
+            CatalogueError(),
+            ModelLoadError(),
+            StorageUnavailable(),
+            LedgerUnavailable(),
+            BrokerUnavailable(),
+        )
+    ] == [1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SKUFLEET_REDIS_URL", f"http://:{PASSWORD}@redis.internal:6379/0"),
+        ("SKUFLEET_DATABASE_URL", f"mysql://skufleet:{PASSWORD}@db.internal/ledger"),
+        ("SKUFLEET_WEBHOOK_URL", f"hooks.example/services/{PASSWORD}"),
+    ],
+)
+def test_a_malformed_service_url_is_one_line_naming_the_variable_and_exit_2(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    """Any command refuses a malformed setting before doing anything: one line naming the
+    variable, exit 2, and the URL's password nowhere."""
+    line = error_line(skufleet(tmp_path, "status", "x", **{variable: value}), 2)
+    assert line.startswith(f"error: invalid setting {variable}: ")
+
+
+def test_an_unreachable_database_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    """db upgrade, status and runs against a PostgreSQL that refuses: one line naming the
+    database with its password masked, exit 3."""
+    url = f"postgresql+psycopg://skufleet:{PASSWORD}@127.0.0.1:{free_port()}/ledger"
+    for args in (("db", "upgrade"), ("status", "x"), ("runs",)):
+        line = error_line(skufleet(tmp_path, *args, SKUFLEET_DATABASE_URL=url), 3)
+        assert "cannot reach the ledger at postgresql+psycopg://skufleet:***@127.0.0.1" in line
+
+
+@postgres_only
+def test_an_unreachable_broker_is_one_line_and_exit_3(fleet: Fleet) -> None:
+    """enqueue with Redis refusing: one line, exit 3, the Redis password nowhere."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    broken = with_env(fleet, SKUFLEET_REDIS_URL=f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0")
+    result = broken.cli("enqueue", str(EXAMPLES / "catalogue.csv"), "--run", "r", "--model", "tiny")
+    assert "cannot publish to the broker" in error_line(result, 3)
+
+
+@postgres_only
+def test_an_unreachable_s3_endpoint_is_one_line_and_exit_3(fleet: Fleet) -> None:
+    """manifest --upload with the S3 endpoint refusing: one line, exit 3, the endpoint
+    shown with its password masked (botocore quotes the URL it could not reach)."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    catalogue = str(EXAMPLES / "catalogue.csv")
+    assert fleet.cli("enqueue", catalogue, "--run", "r", "--model", "tiny").returncode == 0
+    broken = with_env(
+        fleet,
+        SKUFLEET_S3_ENDPOINT_URL=f"http://ak:{PASSWORD}@127.0.0.1:{free_port()}",
+        SKUFLEET_S3_MAX_ATTEMPTS="1",
+    )
+    line = error_line(broken.cli("manifest", "r", "--upload"), 3)
+    assert "cannot upload 'r/manifest.jsonl'" in line and "http://ak:***@127.0.0.1" in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("metrics", "--port", "99999"), ("metrics", "--port", "0"), ("flower", "--port", "70000")],
+)
+def test_ports_outside_1_to_65535_are_refused_in_one_line(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """A port the OS would wrap around (99999 is 34463) is a usage error: one line, exit 2."""
+    line = error_line(skufleet(tmp_path, *args), 2)
+    assert line == f"error: --port must be 1-65535, got {args[2]}"
+
+
+def test_user_text_is_shown_literally_never_read_as_rich_markup(tmp_path: Path) -> None:
+    """Run names, models, packs and failure reasons holding [/], [bold] or [link=…] are
+    printed as they are, not taken for Rich markup (where [/] alone crashed the command)."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = ledger.create_engine(url)
+    upgrade(engine)
+    reason = "[/] boom [bold]in bold?"
+    with engine.begin() as conn:
+        run = ledger.upsert_run(conn, "r1", "[bold]tiny[/bold]", 0, "[link=https://x.example]p", {})
+        now = ledger.utcnow()
+        conn.execute(
+            sa.insert(Item).values(
+                run_id=run,
+                sku="[/]",
+                shot="front",
+                prompt="p",
+                seed=1,
+                width=64,
+                height=64,
+                steps=2,
+                guidance_scale=7.5,
+                status=ItemStatus.FAILED,
+                last_error=reason,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    engine.dispose()
+    env = {"SKUFLEET_DATABASE_URL": url}
+    for name in ("[/]", "[bold]x[/bold]", "[link=https://x.example]x"):
+        assert f"no run named '{name}'" in error_line(skufleet(tmp_path, "status", name, **env), 2)
+    status = skufleet(tmp_path, "status", "r1", **env)
+    assert status.returncode == 0, status.stderr
+    assert reason in status.stdout
+    runs = skufleet(tmp_path, "runs", **env)
+    assert runs.returncode == 0, runs.stderr
+    assert "[bold]tiny[/bold]" in runs.stdout and "[link=https://x.example]p" in runs.stdout

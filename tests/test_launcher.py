@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from producer.services import free_port
+from schemas.errors import DeviceError
+from tests.conftest import BIN, Fleet, postgres_only
 from worker.launcher import DeviceSlot, child_command, parse_devices
+from worker.tasks import EXIT_DEVICE_FAILED
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,9 +103,100 @@ def test_sigterm_stops_every_worker_and_the_launcher_exits_cleanly(tmp_path: Pat
 
 
 def test_a_failed_worker_is_not_restarted_and_its_exit_code_is_returned(tmp_path: Path) -> None:
-    """A worker that exits 3 (device out of rotation) stays down; the launcher reports 3."""
+    """A worker that exits 4 (device out of rotation) stays down; the launcher reports 4."""
     marker = tmp_path / "starts.log"
-    failing = f"open({str(marker)!r}, 'a').write('x'); raise SystemExit(3)"
+    failing = f"open({str(marker)!r}, 'a').write('x'); raise SystemExit(4)"
     process = start_supervisor(failing, "import time; time.sleep(1.5)")
-    assert process.wait(20) == 3
+    assert process.wait(20) == 4
     assert marker.read_text() == "x"
+
+
+PASSWORD = "s3cr3t-pa55"
+"""Put in the URLs below; it must never appear in what the worker prints or logs."""
+
+
+def launch(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "skufleet-worker"), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def test_a_device_out_of_rotation_keeps_its_exit_code() -> None:
+    """DeviceError exits with the code a worker gives when it takes its device out of
+    rotation (3, which it shares with an unreachable service)."""
+    assert DeviceError.exit_code == EXIT_DEVICE_FAILED == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--loglevel", "bogus"), "argument --loglevel: must be one of DEBUG, INFO, WARNING"),
+        (
+            ("--metrics-port", "99999"),
+            "argument --metrics-port: must be a port 1-65535, got '99999'",
+        ),
+        (("--metrics-port", "0"), "argument --metrics-port: must be a port 1-65535, got '0'"),
+        (("--devices", "gpu"), "--devices must be cpu, all or GPU indices like 0,1; got 'gpu'"),
+    ],
+)
+def test_a_bad_loglevel_port_or_device_list_is_one_line_and_exit_2(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    """What argparse or the launcher refuses is one line on stderr, exit 2, no traceback
+    (a --metrics-port of 99999 used to reach bind() and crash every worker)."""
+    result = launch(tmp_path, "--devices", "cpu", *args)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"skufleet-worker: error: {message}")
+
+
+def test_a_malformed_setting_stops_the_launcher_in_one_line(tmp_path: Path) -> None:
+    """An unsupported database driver stops skufleet-worker before any worker starts: one
+    line naming the variable, exit 2, the password nowhere."""
+    result = launch(
+        tmp_path, "--devices", "cpu", SKUFLEET_DATABASE_URL=f"mysql://u:{PASSWORD}@db/ledger"
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "cannot start: invalid setting SKUFLEET_DATABASE_URL: database driver 'mysql'" in line
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+@postgres_only
+@pytest.mark.parametrize("service", ["database", "redis", "s3"])
+def test_a_worker_that_cannot_reach_a_service_exits_3_in_one_line(
+    fleet: Fleet, service: str
+) -> None:
+    """A worker whose ledger, broker or bucket refuses at start logs one critical line
+    naming it with the password masked and exits 3; nothing waits for ever."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    closed = free_port()
+    env, shown = {
+        "database": (
+            {"SKUFLEET_DATABASE_URL": f"postgresql://u:{PASSWORD}@127.0.0.1:{closed}/x"},
+            "cannot reach the ledger at postgresql+psycopg://u:***@127.0.0.1",
+        ),
+        "redis": (
+            {"SKUFLEET_REDIS_URL": f"redis://:{PASSWORD}@127.0.0.1:{closed}/0"},
+            f"cannot reach the broker at redis://:***@127.0.0.1:{closed}/0",
+        ),
+        "s3": (
+            {
+                "SKUFLEET_S3_ENDPOINT_URL": f"http://ak:{PASSWORD}@127.0.0.1:{closed}",
+                "SKUFLEET_S3_MAX_ATTEMPTS": "1",
+            },
+            f"http://ak:***@127.0.0.1:{closed}",
+        ),
+    }[service]
+    broken = dataclasses.replace(fleet, env={**fleet.env, **env})
+    result = broken.worker("--devices", "cpu", "--model", "tiny", "--burst", timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output[-3000:]
+    critical = [line for line in output.splitlines() if "CRITICAL" in line]
+    assert len(critical) == 1 and "cannot start:" in critical[0] and shown in critical[0]
+    assert "Traceback" not in output and PASSWORD not in output

@@ -10,6 +10,8 @@ import sqlalchemy as sa
 
 from schemas import ledger
 from schemas.errors import ConfigError, SchemaMissingError
+from schemas.key import object_key
+from schemas.output import OutputSpec
 from schemas.params import GenerationParams
 from schemas.tables import Item, ItemStatus
 
@@ -31,9 +33,9 @@ def merge(engine: sa.Engine, rows: list[dict[str, Any]], name: str = "r1") -> tu
     """Stage ``rows`` and merge them into run ``name``: (run id, new, changed, in flight)."""
     with engine.begin() as conn:
         run_id = ledger.upsert_run(conn, name, "tiny", 1, "ecommerce", {})
-        staging = ledger.ItemStaging(conn)
+        staging = ledger.ItemStaging(conn, run_id)
         staging.add(rows)
-        return (run_id, *staging.merge(run_id))
+        return (run_id, *staging.merge())
 
 
 def add_run(engine: sa.Engine, n: int = 4, name: str = "r1") -> list[int]:
@@ -45,6 +47,15 @@ def add_run(engine: sa.Engine, n: int = 4, name: str = "r1") -> list[int]:
     return ids
 
 
+def claim(engine: sa.Engine, ids: list[int], worker: str, run: str = "r1") -> list[ledger.Claim]:
+    """Claim ``ids`` for run ``run`` as a worker of model tiny; the message must match."""
+    with engine.connect() as conn:
+        run_id = ledger.run_id(conn, run)
+    result = ledger.claim(engine, run_id, "tiny", ids, worker, "cpu", 60)
+    assert result.refused is None and result.run_name == run
+    return result.claims
+
+
 def statuses(engine: sa.Engine) -> dict[int, str]:
     with engine.connect() as conn:
         return {row.id: row.status for row in conn.execute(sa.select(Item.id, Item.status))}
@@ -53,8 +64,8 @@ def statuses(engine: sa.Engine) -> dict[int, str]:
 def test_an_item_is_won_by_one_claim_only(engine: sa.Engine) -> None:
     """Two workers claiming the same ids: the second gets nothing."""
     ids = add_run(engine)
-    first = ledger.claim(engine, ids, "w1", "cpu", 60)
-    second = ledger.claim(engine, ids, "w2", "cpu", 60)
+    first = claim(engine, ids, "w1")
+    second = claim(engine, ids, "w2")
     assert [c.id for c in first] == sorted(ids)
     assert second == []
     assert all(c.attempt == 1 for c in first)
@@ -63,14 +74,14 @@ def test_an_item_is_won_by_one_claim_only(engine: sa.Engine) -> None:
 def test_a_stale_attempt_cannot_finish_or_fail(engine: sa.Engine) -> None:
     """The attempt number fences completion: an old claim's finish is refused."""
     item_id = add_run(engine, 1)[0]
-    stale = ledger.claim(engine, [item_id], "w1", "cpu", 60)[0]
+    stale = claim(engine, [item_id], "w1")[0]
     # the item goes back to queued (as after a retry) and is claimed again
     assert ledger.fail(engine, stale, "boom", retry=True, max_attempts=3) is ItemStatus.QUEUED
-    fresh = ledger.claim(engine, [item_id], "w2", "cpu", 60)[0]
+    fresh = claim(engine, [item_id], "w2")[0]
     assert fresh.attempt == 2
-    assert ledger.finish(engine, stale, "k", 1, "0" * 64, 0.1) is False
+    assert ledger.finish(engine, stale, 1, "0" * 64, 0.1) is False
     assert ledger.fail(engine, stale, "late", retry=True, max_attempts=3) is None
-    assert ledger.finish(engine, fresh, "k", 1, "0" * 64, 0.1) is True
+    assert ledger.finish(engine, fresh, 1, "0" * 64, 0.1) is True
     assert statuses(engine)[item_id] == "succeeded"
 
 
@@ -79,7 +90,7 @@ def test_failures_retry_until_the_cap_then_fail_with_the_reason(engine: sa.Engin
     item_id = add_run(engine, 1)[0]
     results = []
     for _ in range(3):
-        claimed = ledger.claim(engine, [item_id], "w", "cpu", 60)[0]
+        claimed = claim(engine, [item_id], "w")[0]
         results.append(
             ledger.fail(engine, claimed, f"boom {claimed.attempt}", retry=True, max_attempts=3)
         )
@@ -87,13 +98,13 @@ def test_failures_retry_until_the_cap_then_fail_with_the_reason(engine: sa.Engin
     with engine.connect() as conn:
         row = conn.execute(sa.select(Item).where(Item.id == item_id)).one()
     assert (row.status, row.attempts, row.last_error) == ("failed", 3, "boom 3")
-    assert ledger.claim(engine, [item_id], "w", "cpu", 60) == []
+    assert claim(engine, [item_id], "w") == []
 
 
 def test_a_permanent_error_fails_the_item_at_once(engine: sa.Engine) -> None:
     """Errors that retrying cannot fix do not use up the remaining attempts."""
     item_id = add_run(engine, 1)[0]
-    claimed = ledger.claim(engine, [item_id], "w", "cpu", 60)[0]
+    claimed = claim(engine, [item_id], "w")[0]
     assert ledger.fail(engine, claimed, "bad", retry=False, max_attempts=3) is ItemStatus.FAILED
 
 
@@ -102,10 +113,10 @@ def test_merging_a_catalogue_again_inserts_new_and_resets_changed_items(
 ) -> None:
     """New (sku, shot) rows are inserted, changed ones go back to pending, the rest stay."""
     ids = add_run(engine, 4)  # SKU-0..3, prompts "prompt i", all queued
-    done = ledger.claim(engine, ids[:2], "w", "cpu", 60)
+    done = claim(engine, ids[:2], "w")
     for claimed in done:
-        ledger.finish(engine, claimed, "k", 1, "0" * 64, 0.1)
-    running = ledger.claim(engine, ids[2:3], "w", "cpu", 60)[0]
+        ledger.finish(engine, claimed, 1, "0" * 64, 0.1)
+    running = claim(engine, ids[2:3], "w")[0]
     rows = [item(f"SKU-{i}", f"prompt {i}") for i in range(6)]
     rows[1]["prompt"] = "a new prompt"  # succeeded, changed → pending
     rows[2]["steps"] = 5  # running, changed → left alone (in flight)
@@ -125,7 +136,45 @@ def test_merging_a_catalogue_again_inserts_new_and_resets_changed_items(
     assert found["SKU-1"].prompt == "a new prompt" and found["SKU-1"].sha256 is None
     assert found["SKU-1"].attempts_before_retry == 1  # the cap counts afresh
     assert (found["SKU-2"].steps, found["SKU-3"].seed) == (30, 9)
-    assert ledger.finish(engine, running, "k", 1, "0" * 64, 0.1)  # its claim still holds
+    assert ledger.finish(engine, running, 1, "0" * 64, 0.1)  # its claim still holds
+
+
+def test_merging_stores_each_items_key_and_a_new_format_moves_it(engine: sa.Engine) -> None:
+    """The object key is fixed when an item is staged: from the run, sku, shot and output
+    format; an enqueue that changes the format changes the key, and a missing key is filled."""
+    merge(engine, [item("A/B"), item("SHOE-1")])
+    with engine.begin() as conn:
+        conn.execute(sa.update(Item).where(Item.sku == "SHOE-1").values(object_key=None))
+    rows = [item("A/B"), item("SHOE-1")]
+    rows[0]["output"] = OutputSpec(format="webp").to_json()
+    assert merge(engine, rows)[1:] == (0, 1, 0)
+    with engine.connect() as conn:
+        keys = dict(conn.execute(sa.select(Item.sku, Item.object_key)).all())
+    assert keys == {
+        "A/B": object_key("r1", "A/B", "main", "webp"),
+        "SHOE-1": "r1/SHOE-1/main.png",
+    }
+
+
+def test_a_claim_takes_nothing_from_a_message_that_does_not_match_the_ledger(
+    engine: sa.Engine,
+) -> None:
+    """Another run's item, a run of another model, or no such run: the claim is refused
+    with the reason, and every item named stays queued."""
+    mine, theirs = add_run(engine, 2, "r1"), add_run(engine, 1, "r2")
+    with engine.begin() as conn:
+        r1, r2 = ledger.run_id(conn, "r1"), ledger.run_id(conn, "r2")
+    foreign = ledger.claim(engine, r1, "tiny", [mine[0], theirs[0]], "w", "cpu", 60)
+    assert foreign == ledger.ClaimResult(
+        "r1", "1 of the message's items are not items of run r1", []
+    )
+    other_model = ledger.claim(engine, r2, "big/model", theirs, "w", "cpu", 60)
+    assert other_model.refused == "run r2 is for model 'tiny', not 'big/model'"
+    missing = ledger.claim(engine, r2 + 100, "tiny", theirs, "w", "cpu", 60)
+    assert (missing.run_name, missing.refused) == (None, f"no run with id {r2 + 100}")
+    assert set(statuses(engine).values()) == {"queued"}
+    (won,) = ledger.claim(engine, r2, "tiny", theirs, "w", "cpu", 60).claims
+    assert (won.run_id, won.run_name, won.object_key) == (r2, "r2", "r2/SKU-0/main.png")
 
 
 def test_batches_group_items_with_the_same_parameters(engine: sa.Engine) -> None:
@@ -152,21 +201,21 @@ def test_cancel_stops_open_items_and_retry_brings_back_failed_and_cancelled(
     """Cancel: pending/queued → cancelled (running ones finish). Retry: failed and cancelled
     → pending with a fresh attempt budget, while the fencing token keeps growing."""
     ids = add_run(engine, 4)
-    failing = ledger.claim(engine, ids[:1], "w", "cpu", 60)[0]
+    failing = claim(engine, ids[:1], "w")[0]
     ledger.fail(engine, failing, "bad", retry=False, max_attempts=3)
-    running = ledger.claim(engine, ids[1:2], "w", "cpu", 60)[0]
+    running = claim(engine, ids[1:2], "w")[0]
     with engine.begin() as conn:
         run = ledger.run_id(conn, "r1")
         assert ledger.cancel_run(conn, run) == 2
-    assert ledger.claim(engine, ids, "w", "cpu", 60) == []  # cancelled items are skipped
-    assert ledger.finish(engine, running, "k", 1, "0" * 64, 0.1)
+    assert claim(engine, ids, "w") == []  # cancelled items are skipped
+    assert ledger.finish(engine, running, 1, "0" * 64, 0.1)
     with engine.begin() as conn:
         assert ledger.retry_run(conn, run, failed_only=True) == 1
         assert ledger.retry_run(conn, run, failed_only=False) == 2
         counts = ledger.run_status(conn, "r1").counts
     assert (counts["pending"], counts["succeeded"], counts["cancelled"]) == (3, 1, 0)
     list(ledger.queue_pending(engine, run, 10))
-    again = ledger.claim(engine, ids[:1], "w", "cpu", 60)[0]
+    again = claim(engine, ids[:1], "w")[0]
     assert (again.attempt, again.attempts_before_retry) == (2, 1)
     assert again.may_retry(max_attempts=2) and not again.may_retry(max_attempts=1)
 
@@ -175,7 +224,7 @@ def test_expired_leases_are_requeued_or_dead_lettered_at_the_cap(engine: sa.Engi
     """A running item whose lease passed goes back to queued with the reason, or fails for
     good if that was its last attempt; live leases are left alone."""
     ids = add_run(engine, 3)
-    first, second, live = (ledger.claim(engine, [i], "w@dead", "cpu", 60)[0] for i in ids)
+    first, second, live = (claim(engine, [i], "w@dead")[0] for i in ids)
     with engine.begin() as conn:
         conn.execute(
             sa.update(Item)
@@ -191,7 +240,7 @@ def test_expired_leases_are_requeued_or_dead_lettered_at_the_cap(engine: sa.Engi
     assert rows[ids[0]].status == "queued" and "lease expired" in rows[ids[0]].last_error
     assert "w@dead" in rows[ids[0]].last_error
     assert rows[ids[1]].status == "failed" and rows[ids[2]].status == "running"
-    assert not ledger.finish(engine, first, "k", 1, "0" * 64, 0.1)  # the fence holds
+    assert not ledger.finish(engine, first, 1, "0" * 64, 0.1)  # the fence holds
     assert ledger.renew(engine, live, 60) and not ledger.renew(engine, second, 60)
 
 

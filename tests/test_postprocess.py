@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from schemas.output import OutputSpec
-from worker.postprocess import annotate, process, read_metadata, thumbnail
+from worker.postprocess import TRUNCATED, annotate, process, read_metadata, thumbnail
 
 META = {
     "prompt": "a café table, ünïcode ✓",
@@ -79,3 +79,37 @@ def test_labels_are_drawn_beside_the_image_and_never_off_the_canvas() -> None:
     margin = 2
     assert ink[:, 0].max() < height - margin and ink[:, 1].max() < panel.shape[1] - margin
     assert annotate(source, ()) is source
+
+
+LONG_PROMPTS = {
+    "cjk": "青い陶器のマグカップ、白い背景、スタジオ照明" * 273,  # 6,006 characters
+    "ascii": "a blue ceramic mug on a white background, " * 715,  # 30,030 characters
+}
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+@pytest.mark.parametrize("kind", sorted(LONG_PROMPTS))
+def test_long_prompts_never_fail_an_image_and_exif_keeps_a_marked_prefix(
+    fmt: str, kind: str
+) -> None:
+    """A 6,000-character CJK or 30,000-character ASCII prompt (and negative prompt) encodes
+    in every format: PNG keeps the whole text, WebP and JPEG (whose EXIF must fit one
+    65,533-byte segment) keep a prefix of each ending in the truncation marker, and the
+    short fields whole."""
+    text = LONG_PROMPTS[kind]
+    metadata = {**META, "prompt": text, "negative_prompt": "blurry, " + text}
+    encoded = process(image(), OutputSpec(format=fmt, quality=80), metadata)
+    decoded = Image.open(io.BytesIO(encoded.body))
+    decoded.load()
+    assert decoded.size == (96, 64)
+    found = read_metadata(encoded.body)
+    if fmt == "png":
+        assert found == metadata
+        return
+    assert {k: found[k] for k in META if "prompt" not in k} == {
+        k: v for k, v in META.items() if "prompt" not in k
+    }
+    for key in ("prompt", "negative_prompt"):
+        assert found[key].endswith(TRUNCATED)
+        kept = found[key].removesuffix(TRUNCATED)
+        assert len(kept) > 1000 and metadata[key].startswith(kept)

@@ -13,6 +13,7 @@ from celery import Celery, bootsteps
 from celery.worker import state
 
 from schemas.settings import Settings
+from worker.transport import TRANSPORT
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ BURST_IDLE_CHECKS = 3
 def create_app(settings: Settings) -> Celery:
     """A Celery app bound to the configured broker, with skufleet's settings."""
     app = Celery("skufleet", broker=settings.redis_url, set_as_current=True)
+    if settings.redis_url.split("://", 1)[0] in ("redis", "rediss"):
+        # a message the worker cannot even decode is set aside, never fatal (worker.transport)
+        app.conf.broker_transport = TRANSPORT
     app.conf.update(
         # JSON only: a pickle message could run arbitrary code on a GPU machine.
         task_serializer="json",

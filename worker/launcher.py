@@ -7,7 +7,6 @@ children, so that its own supervisor (systemd, Kubernetes) sees every failure.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -17,8 +16,9 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from schemas.settings import Settings
-from worker.process import add_pipeline_arguments, pipeline_flags
+from schemas.errors import EXIT_CODES_HELP, ConfigError, exit_code, one_line
+from schemas.settings import load_settings
+from worker.process import ArgumentParser, add_pipeline_arguments, log_level, pipeline_flags, port
 
 log = logging.getLogger("skufleet.launcher")
 
@@ -115,28 +115,46 @@ def supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="skufleet-worker", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog="skufleet-worker", description=__doc__.splitlines()[0], epilog=EXIT_CODES_HELP
+    )
     parser.add_argument("--model", help="model id, local path or 'tiny' [SKUFLEET_MODEL]")
     parser.add_argument("--devices", default="all", help="cpu, all, or GPU indices like 0,1")
     parser.add_argument(
         "--burst", action="store_true", help="exit 0 once the queue is empty and nothing is running"
     )
-    parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument(
+        "--loglevel", default="INFO", type=log_level, help="DEBUG, INFO, WARNING, ERROR or CRITICAL"
+    )
     parser.add_argument(
         "--metrics-port",
-        type=int,
+        type=port,
         help="Prometheus metrics: device n serves them on this port plus n",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address the metrics listen on (default: this machine only)",
     )
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.loglevel.upper(), format="%(asctime)s launcher %(levelname)s: %(message)s"
+        level=args.loglevel, format="%(asctime)s launcher %(levelname)s: %(message)s"
     )
     try:
-        settings = Settings()
+        settings = load_settings()
+    except ConfigError as exc:
+        log.critical("cannot start: %s", one_line(exc))
+        return exit_code(exc)
+    try:
         slots = parse_devices(args.devices)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.metrics_port and args.metrics_port + len(slots) - 1 > 65535:
+        parser.error(
+            f"--metrics-port {args.metrics_port}: {len(slots)} devices need ports up to "
+            f"{args.metrics_port + len(slots) - 1}, past 65535"
+        )
     model = args.model or settings.model
     children: dict[str, subprocess.Popen[bytes]] = {}
     for index, slot in enumerate(slots):
@@ -144,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = pipeline_flags(args)
         if args.metrics_port:
             flags += ["--metrics-port", str(args.metrics_port + index)]
+            flags += ["--metrics-address", args.metrics_address]
         children[slot.name] = subprocess.Popen(
             child_command(slot, model, args.burst, args.loglevel, flags), env=env
         )

@@ -1,10 +1,14 @@
 """A worker's own Prometheus metrics: batches, images, stage times, device memory.
 
 Served by each worker process on ``--metrics-port`` (the launcher gives device n the port
-plus n). Only :mod:`worker.render` records into these.
+plus n), on 127.0.0.1 unless ``--metrics-address`` says otherwise: they carry no credentials,
+so a scraper from elsewhere is let in on purpose. Only :mod:`worker.render` records into
+these.
 """
 
 from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -32,5 +36,11 @@ def observe_batch(images: int, stages: dict[str, float], busy: float, device: to
         MEMORY.labels("peak").set(torch.cuda.max_memory_allocated(device))
 
 
-def serve(port: int) -> None:
-    start_http_server(port, addr="0.0.0.0")
+DEFAULT_ADDRESS = "127.0.0.1"
+"""Where a worker serves its metrics unless told otherwise: this machine only."""
+
+
+def serve(port: int, address: str = DEFAULT_ADDRESS) -> WSGIServer:
+    """Serve the metrics on ``address:port`` from a daemon thread; the listening server."""
+    server, _thread = start_http_server(port, addr=address)
+    return server

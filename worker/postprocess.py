@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -23,6 +23,14 @@ PANEL_RATIO = 0.75
 """Width of the annotation panel relative to the image's width."""
 EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_USER_COMMENT = 0x9286
+EXIF_DESCRIPTION_BYTES = 12_000
+EXIF_COMMENT_BYTES = 48_000
+"""Bytes of EXIF text: the ImageDescription (the prompt) and the UserComment (every field as
+JSON). JPEG holds EXIF in one APP1 segment of at most 65,533 bytes, so the two stay below
+60,000 with room for the TIFF structure; WebP is held to the same. PNG text is unbounded."""
+TRUNCATED = "…[truncated]"
+"""Ends an EXIF text cut to fit; the full text is in the ledger and its SHA-256 in the
+object's ``prompt-sha256`` metadata."""
 
 
 @dataclass(frozen=True)
@@ -93,10 +101,48 @@ def thumbnail(image: Image.Image, max_side: int | None) -> Image.Image:
     return shrunk
 
 
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "backslashreplace").decode()
+
+
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=True)) - 2
+
+
+def clip(text: str, limit: int, size: Callable[[str], int] = len) -> str:
+    """``text`` if ``size(text) <= limit``, else its longest prefix that fits with
+    :data:`TRUNCATED` after it (``size`` counts bytes as stored: escapes make a character
+    1 to 12 bytes)."""
+    if size(text) <= limit:
+        return text
+    low, high = 0, len(text)  # the prefix of `low` characters fits; `high` does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if size(text[:middle] + TRUNCATED) <= limit:
+            low = middle
+        else:
+            high = middle
+    return text[:low] + TRUNCATED
+
+
+def fit_fields(fields: Mapping[str, str], limit: int) -> dict[str, str]:
+    """``fields`` as JSON of at most ``limit`` bytes: short values stay whole, and the long
+    ones (prompts) share what is left equally, each cut with :func:`clip`."""
+    sizes = {key: _json_size(value) for key, value in fields.items()}
+    left = limit - len(json.dumps(dict.fromkeys(fields, ""), ensure_ascii=True))
+    fitted = dict(fields)
+    for done, key in enumerate(sorted(sizes, key=sizes.__getitem__)):
+        share = left // (len(sizes) - done)
+        fitted[key] = clip(fields[key], share, _json_size)
+        left -= _json_size(fitted[key])
+    return fitted
+
+
 def encode(image: Image.Image, spec: OutputSpec, metadata: Mapping[str, str]) -> Encoded:
-    """Bytes in the spec's format with ``metadata`` embedded: PNG text chunks (UTF-8 iTXt),
-    or EXIF for WebP and JPEG (ImageDescription = the prompt, UserComment = every field as
-    JSON)."""
+    """Bytes in the spec's format with ``metadata`` embedded: PNG text chunks (UTF-8 iTXt,
+    whole), or EXIF for WebP and JPEG (ImageDescription = the prompt, UserComment = every
+    field as JSON), each bounded so that a long prompt never makes the file unwritable: the
+    longest texts are cut to fit, ending in :data:`TRUNCATED`."""
     buffer = io.BytesIO()
     if spec.format == "png":
         info = PngImagePlugin.PngInfo()
@@ -106,9 +152,10 @@ def encode(image: Image.Image, spec: OutputSpec, metadata: Mapping[str, str]) ->
     else:
         exif = Image.Exif()
         # EXIF text is ASCII: the JSON escapes everything else and reads back exactly
-        prompt = metadata.get("prompt", "")
-        exif[EXIF_IMAGE_DESCRIPTION] = prompt.encode("ascii", "backslashreplace").decode()
-        exif[EXIF_USER_COMMENT] = json.dumps(dict(metadata), ensure_ascii=True)
+        prompt = clip(metadata.get("prompt", ""), EXIF_DESCRIPTION_BYTES, lambda t: len(_ascii(t)))
+        exif[EXIF_IMAGE_DESCRIPTION] = _ascii(prompt)
+        fields = fit_fields(metadata, EXIF_COMMENT_BYTES)
+        exif[EXIF_USER_COMMENT] = json.dumps(fields, ensure_ascii=True)
         pil_format = "WEBP" if spec.format == "webp" else "JPEG"
         image.convert("RGB").save(buffer, format=pil_format, quality=spec.quality, exif=exif)
     return Encoded(buffer.getvalue(), spec.content_type, spec.extension)

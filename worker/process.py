@@ -1,5 +1,5 @@
-"""One worker process for one device: check the ledger and bucket, load the pipeline once,
-then consume the model's queue with Celery until stopped.
+"""One worker process for one device: check the ledger, the bucket and the broker, load the
+pipeline once, then consume the model's queue with Celery until stopped.
 
 Started by the launcher (``skufleet-worker``) with ``CUDA_VISIBLE_DEVICES`` already pinned,
 so inside this process the GPU is always ``cuda:0``. No CUDA work happens before the
@@ -15,29 +15,73 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import signals
+from kombu.exceptions import OperationalError as BrokerError
 
 from schemas import ledger
-from schemas.errors import FatalError, RetryableError, SkufleetError
+from schemas.errors import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    BrokerUnavailable,
+    ConfigError,
+    SkufleetError,
+    exit_code,
+    one_line,
+)
 from schemas.names import ops_queue, render_queue
-from schemas.settings import Settings
+from schemas.redact import redact_url
+from schemas.settings import Settings, load_settings
 from worker.celery_app import burst_step, create_app
 from worker.pipeline import ImageModel, Pipeline, PipelineOptions
 from worker.render import Renderer
 from worker.storage import Storage
-from worker.tasks import EXIT_DEVICE_FAILED, make_requeue, register_reconcile, register_render
+from worker.tasks import make_requeue, register_reconcile, register_render
 
 log = logging.getLogger("skufleet.worker")
 
-EXIT_UNAVAILABLE = 1
-"""Exit code when the ledger or the bucket cannot be reached at start."""
-EXIT_CONFIG = 2
-"""Exit code for a configuration error (bad setting, ledger schema missing)."""
-
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+BROKER_TIMEOUT = 5.0
+"""Seconds the start-up check waits for Redis to answer."""
 
 Loader = Callable[[str, str, Path, PipelineOptions], ImageModel]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``prog: error: …``, and exit 2: what a
+    supervisor's log shows of a worker that would not start."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def log_level(value: str) -> str:
+    """A --loglevel: one of :data:`LOG_LEVELS`, in any case."""
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(LOG_LEVELS)} (any case), got {value!r}"
+        )
+    return value.upper()
+
+
+def port(value: str) -> int:
+    """A TCP port to listen on, 1-65535 (the OS would take 99999 modulo 65536)."""
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 1-65535, got {value!r}")
+    return int(value)
+
+
+def check_broker(url: str, timeout: float = BROKER_TIMEOUT) -> None:
+    """Raise :class:`BrokerUnavailable` unless Redis answers at ``url`` now: at start Celery
+    would wait for it for ever, and the supervisor would see a worker that never starts."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=timeout) as connection:
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+        except (BrokerError, *connection.connection_errors) as exc:
+            raise BrokerUnavailable(f"cannot reach the broker at {redact_url(url)}: {exc}") from exc
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,34 +132,28 @@ def serve(
     ``load(model, device, cache_dir, options)`` builds the pipeline; tests pass stand-ins.
     """
     hostname = f"{name}@{socket.gethostname()}"
-    if settings.lease_seconds >= settings.visibility_timeout:
-        log.critical(
-            "%s refuses to start: SKUFLEET_LEASE_SECONDS (%d, the longest a batch may hold its "
-            "items) must be below SKUFLEET_VISIBILITY_TIMEOUT (%d), or Redis hands a batch still "
-            "rendering to a second worker",
-            hostname,
-            settings.lease_seconds,
-            settings.visibility_timeout,
-        )
-        return EXIT_CONFIG
     try:
+        if settings.lease_seconds >= settings.visibility_timeout:
+            raise ConfigError(
+                f"SKUFLEET_LEASE_SECONDS ({settings.lease_seconds}, the longest a batch may "
+                f"hold its items) must be below SKUFLEET_VISIBILITY_TIMEOUT "
+                f"({settings.visibility_timeout}), or Redis hands a batch still rendering to a "
+                "second worker"
+            )
         # 1. the ledger is reachable and at this code's schema
         engine = ledger.create_engine(settings.database_url)
         ledger.require_schema(engine)
-        # 2. the bucket exists
+        # 2. the bucket exists, and the broker answers
         storage = Storage(settings)
         storage.ensure_bucket()
+        check_broker(settings.redis_url)
         # 3. the pipeline, loaded once and kept for the life of the process
         pipeline = load(model, device, settings.cache_dir, options or PipelineOptions())
-    except FatalError as exc:
-        log.critical("%s cannot start: %s", hostname, exc)
-        return EXIT_DEVICE_FAILED
-    except RetryableError as exc:
-        log.critical("%s cannot start: %s", hostname, exc)
-        return EXIT_UNAVAILABLE
     except SkufleetError as exc:
-        log.critical("%s cannot start: %s", hostname, exc)
-        return EXIT_CONFIG
+        # one line and the exit code of the error's class (schemas.errors): 2 to fix the
+        # configuration, 3 for a service that does not answer or a device that fails
+        log.critical("%s cannot start: %s", hostname, one_line(exc))
+        return exit_code(exc)
 
     # 4. Celery, consuming only this model's queue; retries go back to the same queue
     queue = render_queue(settings.queue_prefix, model)
@@ -140,6 +178,9 @@ def serve(
     # a burst or a warm shutdown): read it off the worker itself
     started: list[Any] = []
     signals.worker_init.connect(lambda sender, **_: started.append(sender), weak=False)
+    # a warm shutdown must not wait for an outage to end: work waiting for the ledger or
+    # storage is handed back (messages to the queue, items to the ledger)
+    signals.worker_shutting_down.connect(lambda **_: renderer.interrupt(), weak=False)
     try:
         app.worker_main(argv)
     except SystemExit as exc:
@@ -147,34 +188,43 @@ def serve(
     finally:
         # images drawn before the stop are stored and recorded before the process exits
         renderer.close()
-    return int(started[0].exitcode or 0) if started else EXIT_UNAVAILABLE
+    return int(started[0].exitcode or 0) if started else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None, load: Loader = Pipeline.load) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m worker.process", description="One skufleet worker for one device."
     )
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", required=True, help="cpu or cuda (already pinned)")
     parser.add_argument("--name", required=True, help="worker name, e.g. gpu0 or cpu")
     parser.add_argument("--burst", action="store_true")
-    parser.add_argument("--loglevel", default="INFO")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
+    parser.add_argument("--loglevel", default="INFO", type=log_level)
+    parser.add_argument("--metrics-port", type=port, help="serve Prometheus metrics here")
+    parser.add_argument(
+        "--metrics-address", default="127.0.0.1", help="address the metrics listen on"
+    )
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.loglevel.upper(),
+        level=args.loglevel,
         format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s",
     )
     try:
-        settings = Settings()
-    except ValueError as exc:
-        log.critical("invalid SKUFLEET_* setting: %s", exc)
-        return EXIT_CONFIG
+        settings = load_settings()
+    except ConfigError as exc:
+        log.critical("%s cannot start: %s", args.name, one_line(exc))
+        return exit_code(exc)
     if args.metrics_port:
         from worker import metrics
 
-        metrics.serve(args.metrics_port)
+        try:
+            metrics.serve(args.metrics_port, args.metrics_address)
+        except OSError as exc:
+            log.critical(
+                "%s cannot serve metrics on port %d: %s", args.name, args.metrics_port, exc
+            )
+            return EXIT_USAGE
     return serve(
         settings,
         args.model,

@@ -20,12 +20,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import quote
 
 import numpy as np
+import sqlalchemy as sa
 import torch
 from PIL import Image
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from producer import downstream
 from producer.bucket import Bucket
@@ -37,19 +40,23 @@ from schemas.errors import (
     LedgerUnavailable,
     RetryableError,
     SkufleetError,
+    Stopping,
+    StorageUnavailable,
 )
-from schemas.key import object_key
 from schemas.output import OutputSpec
 from schemas.params import GenerationParams, RenderPayload
 from schemas.settings import Settings
 from schemas.tables import ItemStatus
 from worker import metrics
+from worker.breaker import Breaker
 from worker.handoff import Handoff
 from worker.pipeline import Batch, ImageModel, Job
 from worker.postprocess import process
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Requeue = Callable[[RenderPayload, float], None]
 """Publish ``payload`` again after ``countdown`` seconds."""
@@ -62,19 +69,6 @@ def backoff(base: float, attempt: int) -> float:
     """Seconds before retry ``attempt + 1``: doubling from ``base``, capped, ±20% jitter."""
     delay = min(MAX_BACKOFF_SECONDS, base * 2 ** max(0, attempt - 1))
     return delay * random.uniform(0.8, 1.2)
-
-
-def _with_retries(write: Callable[[], bool], tries: int = 4) -> bool:
-    """A ledger write retried through a short outage (a dropped connection, a failover):
-    the pool replaces dead connections, so the next try usually goes through."""
-    for attempt in range(tries):
-        try:
-            return write()
-        except LedgerUnavailable:
-            if attempt == tries - 1:
-                raise
-            time.sleep(0.5 * 2**attempt)
-    return False
 
 
 def describe_error(exc: BaseException) -> str:
@@ -157,14 +151,113 @@ class Renderer:
         """Largest batch that fits the device, learnt from out-of-memory errors."""
         self._first_draw: float | None = None
         self._gpu_seconds = 0.0
+        self.storage_breaker = Breaker("storage", storage.probe)
+        self.ledger_breaker = Breaker("ledger", self._ping_ledger)
+        """Open while the bucket or the database is down: the worker pauses (worker.breaker)."""
+        self._storing = threading.Semaphore(1)
+        """Held by the one batch being stored: the next batch draws meanwhile, the one after
+        waits, so an outage or a crash costs at most two batches."""
+        self._held: dict[int, ledger.Claim] = {}
+        """Drawn items waiting to be stored, whose leases are renewed while storage is down."""
+        self._held_lock = threading.Lock()
+        threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True).start()
 
     def busy(self) -> bool:
         """True while images are still being stored in the background."""
         return self.handoff.pending > 0
 
+    def interrupt(self) -> None:
+        """The process is stopping: work waiting out an outage is handed back instead."""
+        self.storage_breaker.stop()
+        self.ledger_breaker.stop()
+
     def close(self) -> None:
-        """Finish storing every drawn image (on shutdown, so no lease is left to expire)."""
+        """Finish storing every drawn image (on shutdown, so no lease is left to expire);
+        images still waiting for an outage to end are handed back to the ledger."""
+        self.interrupt()
         self.handoff.close()
+
+    def _ping_ledger(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except DBAPIError as exc:
+            raise ledger.unavailable(exc, self.engine) from exc
+
+    def _keep_leases(self) -> None:
+        """While storage is down, renew the leases of the drawn items waiting for it, so the
+        reconciler does not hand them to another worker to be drawn again."""
+        interval = max(0.5, self.settings.lease_seconds / 3)
+        while True:
+            time.sleep(interval)
+            if not self.storage_breaker.is_open or self.ledger_breaker.is_open:
+                continue
+            with self._held_lock:
+                held = list(self._held.values())
+            for claim in held:
+                try:
+                    ledger.renew(self.engine, claim, self.settings.lease_seconds)
+                except LedgerUnavailable:
+                    break  # the ledger breaker takes it from here
+
+    def _hold(self, claims: Sequence[ledger.Claim]) -> None:
+        with self._held_lock:
+            self._held.update((claim.id, claim) for claim in claims)
+
+    def _unhold(self, claim: ledger.Claim) -> None:
+        with self._held_lock:
+            self._held.pop(claim.id, None)
+
+    def _batch_stored(self, run_id: int) -> None:
+        self._storing.release()
+        self._complete(run_id)
+
+    def _wait_for_services(self) -> None:
+        """Block while the ledger or storage is down; Stopping if the process stops first."""
+        for breaker in (self.ledger_breaker, self.storage_breaker):
+            if not breaker.wait():
+                raise Stopping(f"the worker is stopping while {breaker.name} is unavailable")
+
+    def _ledger(self, write: Callable[[], T]) -> T:
+        """A ledger statement, carried through outages: one quick retry (the pool replaces a
+        dropped connection), then the ledger breaker opens and this waits until it answers."""
+        failures = 0
+        while True:
+            try:
+                return write()
+            except LedgerUnavailable as exc:
+                failures += 1
+                if failures > 1:
+                    self.ledger_breaker.trip(exc)
+                    if not self.ledger_breaker.wait():
+                        raise Stopping("the worker is stopping while the ledger is down") from exc
+
+    def _upload(self, claim: ledger.Claim, key: str, body: bytes, digest: str, kind: str) -> bool:
+        """Upload, waiting out storage outages with the item kept in memory and its lease
+        renewed; False if the item stopped being ours meanwhile (nothing is uploaded)."""
+        while True:
+            try:
+                self.storage.put(
+                    key,
+                    body,
+                    sha256_hex=digest,
+                    content_type=kind,
+                    metadata=self._object_metadata(claim),
+                )
+                return True
+            except StorageUnavailable as exc:
+                self.storage_breaker.trip(exc)
+            # hold the image until storage answers (the lease keeper renews its lease), then
+            # make sure it is still ours before writing its object
+            if not self.storage_breaker.wait():
+                raise Stopping("the worker is stopping while storage is down")
+            renew = functools.partial(ledger.renew, self.engine, claim, self.settings.lease_seconds)
+            if not self._ledger(renew):
+                return False
+
+    @property
+    def _stopping(self) -> bool:
+        return self.storage_breaker.stopping or self.ledger_breaker.stopping
 
     def handle(self, payload: RenderPayload) -> Outcome:
         outcome = Outcome()
@@ -172,28 +265,43 @@ class Renderer:
             raise ItemError(
                 f"message for model {payload.model!r} reached a worker of {self.pipeline.model!r}"
             )
-        # 1. claim: one compare-and-set UPDATE; render only what we won
-        run = ledger.run_name(self.engine, payload.run_id)
-        if run is None:
+        # 1. claim: one compare-and-set UPDATE of the message's run's items, if that run is
+        # drawn with our model; render only what we won, with what the ledger says
+        # (while the ledger or storage is down the message waits here: no new work is taken,
+        # and the message stays unacknowledged until it can be claimed)
+        while True:
+            self._wait_for_services()
+            try:
+                result = ledger.claim(
+                    self.engine,
+                    payload.run_id,
+                    self.pipeline.model,
+                    payload.item_ids,
+                    self.worker_name,
+                    self.device,
+                    self.settings.lease_seconds,
+                )
+                break
+            except LedgerUnavailable as exc:
+                self.ledger_breaker.trip(exc)
+        if result.refused is not None:
             log.warning(
-                "run %s no longer exists; dropping %d items", payload.run_id, len(payload.item_ids)
+                "refusing a message for run %s on a worker of model %r: %s",
+                payload.run_id,
+                self.pipeline.model,
+                result.refused,
             )
             return outcome
-        claims = ledger.claim(
-            self.engine,
-            payload.item_ids,
-            self.worker_name,
-            self.device,
-            self.settings.lease_seconds,
-        )
+        claims = result.claims
         outcome.claimed = len(claims)
         if not claims:
             log.info(
                 "nothing to do for %d items of run %s (done, taken or cancelled)",
                 len(payload.item_ids),
-                run,
+                result.run_name,
             )
             return outcome
+        run = claims[0].run_name
 
         # 2. draw the batch; the items of one message share their parameters
         jobs = [Job(c.prompt, c.negative_prompt, c.seed) for c in claims]
@@ -219,6 +327,14 @@ class Renderer:
             return outcome
         outcome.drawn = len(claims)
         self._account(started, batch)
+        # at most one batch is stored while the next draws: wait for the previous one
+        self._hold(claims)
+        while not self._storing.acquire(timeout=1.0):
+            if self._stopping:
+                self._release(payload, claims, Stopping("the worker is stopping"), outcome)
+                for claim in claims:
+                    self._unhold(claim)
+                return outcome
 
         # 3. encode, upload and record each image in the background
         report = _BatchLog(
@@ -227,13 +343,13 @@ class Renderer:
             batch.seconds,
             self.gpu_busy,
             remaining=len(claims),
-            on_done=functools.partial(self._complete, payload.run_id),
+            on_done=functools.partial(self._batch_stored, payload.run_id),
         )
         seconds_per_item = (time.perf_counter() - started) / len(claims)
         for claim, pixels, flagged in zip(claims, batch.images, batch.flagged, strict=True):
             self.handoff.submit(
                 functools.partial(
-                    self._store, payload, run, claim, pixels, flagged, seconds_per_item, report
+                    self._store, payload, claim, pixels, flagged, seconds_per_item, report
                 )
             )
         return outcome
@@ -289,7 +405,6 @@ class Renderer:
     def _store(
         self,
         payload: RenderPayload,
-        run: str,
         claim: ledger.Claim,
         pixels: np.ndarray,
         flagged: bool,
@@ -300,7 +415,11 @@ class Renderer:
         encode = upload = 0.0
         try:
             if flagged:
-                ledger.flag(self.engine, claim, "flagged by the safety checker; not uploaded")
+                self._ledger(
+                    lambda: ledger.flag(
+                        self.engine, claim, "flagged by the safety checker; not uploaded"
+                    )
+                )
                 log.warning(
                     "item %s (%s/%s) was flagged by the safety checker",
                     claim.id,
@@ -313,27 +432,34 @@ class Renderer:
             encoded = process(Image.fromarray(pixels), spec, self._metadata(claim))
             digest = hashlib.sha256(encoded.body).hexdigest()
             encode = time.perf_counter() - started
-            key = object_key(run, claim.sku, claim.shot, encoded.extension)
+            key = claim.object_key  # fixed at enqueue: the item's one place in the bucket
+            if key is None or key.rpartition(".")[2] != encoded.extension:
+                raise ItemError(
+                    f"item {claim.id}'s object key {key!r} does not end in "
+                    f".{encoded.extension}, the format of its image"
+                )
             # the item must still be ours before its object is written: a worker that lost
             # it (its lease expired and another attempt took over) or that cannot reach the
             # ledger never uploads
-            if not ledger.renew(self.engine, claim, self.settings.lease_seconds):
+            lease = self.settings.lease_seconds
+            if not self._ledger(lambda: ledger.renew(self.engine, claim, lease)):
                 log.warning(
                     "item %s is no longer ours (attempt %s is stale); not uploaded",
                     claim.id,
                     claim.attempt,
                 )
                 return
-            self.storage.put(
-                key,
-                encoded.body,
-                sha256_hex=digest,
-                content_type=encoded.content_type,
-                metadata=self._object_metadata(claim),
-            )
+            if not self._upload(claim, key, encoded.body, digest, encoded.content_type):
+                log.warning(
+                    "item %s was taken over while storage was down (attempt %s is stale); "
+                    "not uploaded",
+                    claim.id,
+                    claim.attempt,
+                )
+                return
             upload = time.perf_counter() - started - encode
-            finished = _with_retries(
-                lambda: ledger.finish(self.engine, claim, key, len(encoded.body), digest, seconds)
+            finished = self._ledger(
+                lambda: ledger.finish(self.engine, claim, len(encoded.body), digest, seconds)
             )
             if not finished:
                 log.warning(
@@ -341,6 +467,8 @@ class Renderer:
                     claim.id,
                     claim.attempt,
                 )
+        except Stopping as exc:
+            self._release(payload, [claim], exc, Outcome())
         except ItemError as exc:
             self._fail(payload, [claim], exc, Outcome(), retry=False, one_per_message=True)
         except Exception as exc:  # storage, ledger or an unexpected error: retry the item
@@ -348,6 +476,7 @@ class Renderer:
                 log.exception("storing item %s failed", claim.id)
             self._fail(payload, [claim], exc, Outcome(), retry=True, one_per_message=True)
         finally:
+            self._unhold(claim)
             report.add(encode, upload)
 
     def _complete(self, run_id: int) -> None:
@@ -431,14 +560,16 @@ class Renderer:
         self,
         payload: RenderPayload,
         claims: Sequence[ledger.Claim],
-        exc: FatalError,
+        exc: FatalError | Stopping,
         outcome: Outcome,
     ) -> None:
-        """Hand the items back to the fleet at once, without counting this attempt."""
+        """Hand the items back to the fleet at once, without counting this attempt (the
+        device failed, or the worker stops during an outage: not the items' fault)."""
         released = []
         for claim in claims:
             try:
-                if ledger.release(self.engine, claim, f"device failure: {describe_error(exc)}"):
+                reason = "device failure" if isinstance(exc, FatalError) else "handed back"
+                if ledger.release(self.engine, claim, f"{reason}: {describe_error(exc)}"):
                     released.append(claim.id)
             except SkufleetError:
                 log.exception("cannot release item %s; its lease will expire", claim.id)

@@ -8,12 +8,35 @@ from collections.abc import Mapping
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from schemas.errors import StorageUnavailable
+from schemas.errors import ConfigError, StorageRefused, StorageUnavailable
+from schemas.redact import redact_text
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_SERVICE_CODES = {"403", "408", "429", "AccessDenied", "RequestTimeout", "SlowDown", "Throttling"}
+"""4xx answers that mean the service, not the request, is the problem: the fleet pauses."""
+
+
+def storage_error(
+    exc: ClientError | BotoCoreError, what: str
+) -> StorageUnavailable | StorageRefused | ConfigError:
+    """The skufleet error for a boto3 failure: an outage of the service (refused, reset,
+    timed out, 5xx, throttled, access denied), one request refused (another 4xx), or no
+    credentials at all (a configuration error)."""
+    if isinstance(exc, NoCredentialsError):
+        return ConfigError(
+            f"{what}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or a profile or instance role boto3 can find)"
+        )
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if 400 <= status < 500 and not {str(status), error.get("Code")} & _SERVICE_CODES:
+            return StorageRefused(f"{what} refused: {redact_text(str(exc))}")
+    return StorageUnavailable(f"{what} failed: {redact_text(str(exc))}")
 
 
 class Storage:
@@ -33,16 +56,20 @@ class Storage:
             return
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
-                raise StorageUnavailable(f"bucket {self.bucket!r}: {exc}") from exc
+                raise StorageUnavailable(
+                    f"bucket {self.bucket!r}: {redact_text(str(exc))}"
+                ) from exc
         except BotoCoreError as exc:
-            raise StorageUnavailable(f"bucket {self.bucket!r}: {exc}") from exc
+            raise storage_error(exc, f"bucket {self.bucket!r}") from exc
         log.info("creating bucket %s", self.bucket)
         try:
             self.client.create_bucket(Bucket=self.bucket)
         except self.client.exceptions.BucketAlreadyOwnedByYou:
             pass
         except (ClientError, BotoCoreError) as exc:
-            raise StorageUnavailable(f"cannot create bucket {self.bucket!r}: {exc}") from exc
+            raise StorageUnavailable(
+                f"cannot create bucket {self.bucket!r}: {redact_text(str(exc))}"
+            ) from exc
 
     def put(
         self,
@@ -64,4 +91,11 @@ class Storage:
                 ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
             )
         except (ClientError, BotoCoreError) as exc:
-            raise StorageUnavailable(f"upload of {key!r} failed: {exc}") from exc
+            raise storage_error(exc, f"upload of {key!r}") from exc
+
+    def probe(self) -> None:
+        """The cheapest request that proves the bucket answers; raises StorageUnavailable."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageUnavailable(f"bucket {self.bucket!r}: {redact_text(str(exc))}") from exc

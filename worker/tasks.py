@@ -6,19 +6,17 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from celery.worker import state
 from pydantic import ValidationError
 
-from schemas.errors import ItemError, RetryableError
+from schemas.errors import EXIT_DEVICE_FAILED, ItemError, RetryableError, Stopping
 from schemas.names import TASK_RECONCILE, TASK_RENDER
 from schemas.params import RenderPayload
 from schemas.settings import Settings
 from worker.render import Renderer, Requeue, backoff
 
 log = logging.getLogger(__name__)
-
-EXIT_DEVICE_FAILED = 3
-"""Exit code of a worker process that took itself out of rotation."""
 
 
 def make_requeue(app: Celery, queue: str) -> Requeue:
@@ -37,26 +35,48 @@ def make_requeue(app: Celery, queue: str) -> Requeue:
     return requeue
 
 
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, error['loc'])) or 'payload'}: {error['msg']}" for error in exc.errors()
+    )
+
+
 def register_render(app: Celery, renderer: Renderer) -> Task:
     """Register ``skufleet.render`` on ``app``, bound to this process's renderer."""
 
-    @app.task(name=TASK_RENDER, bind=True)
-    def render(self: Task, payload: dict[str, Any]) -> dict[str, int]:
-        try:
-            request = RenderPayload.model_validate(payload)
-        except ValidationError as exc:
-            log.error("dropping a malformed render message: %s", exc)
+    # max_retries=None on the task (not on retry(), where None means "the default, 3"):
+    # a message is retried for as long as the fleet's own services are down
+    @app.task(name=TASK_RENDER, bind=True, max_retries=None)
+    def render(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
+        # 1. decode: a message of any other shape is dropped with one line, never raised
+        if len(args) != 1 or kwargs or not isinstance(args[0], dict):
+            log.error(
+                "dropping render message %s: expected one payload object, got %d arguments "
+                "and %d keyword arguments",
+                self.request.id,
+                len(args),
+                len(kwargs),
+            )
             return {}
+        try:
+            request = RenderPayload.model_validate(args[0])
+        except ValidationError as exc:
+            log.error("dropping malformed render message %s: %s", self.request.id, _one_line(exc))
+            return {}
+        # 2. render; the renderer waits out outages of the ledger and storage itself
         try:
             outcome = renderer.handle(request)
         except ItemError as exc:
             log.error("dropping message: %s", exc)
             return {}
+        except Stopping as exc:
+            # shutting down while the ledger or storage is away: the message goes back
+            log.warning("handing message %s back to the queue: %s", self.request.id, exc)
+            raise Reject(str(exc), requeue=True) from exc
         except RetryableError as exc:
-            # the ledger could not be reached to claim: the same message, a little later
             delay = backoff(renderer.settings.retry_backoff_seconds, self.request.retries + 1)
-            log.warning("cannot claim now (%s); retrying the message in %.1fs", exc, delay)
-            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
+            log.warning("cannot render now (%s); retrying the message in %.1fs", exc, delay)
+            raise self.retry(exc=exc, countdown=delay) from exc
         if outcome.fatal is not None:
             # The device cannot go on: its items are back on the queue; stop consuming and
             # exit non-zero, so that the supervisor sees it.

@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from producer.services import LocalRedis, LocalS3
+from producer.services import LocalRedis, LocalS3, wait_until
 from schemas import ledger
 from schemas.tables import Item, ItemStatus
 from tests.fixtures import stand_in_worker
@@ -86,6 +86,8 @@ class FaultFleet:
         max_attempts: int = 5,
         appendonly: bool = False,
         s3_endpoint: str | None = None,
+        worker_database_url: str | None = None,
+        reconciler: bool = True,
     ) -> None:
         self.tmp_path = tmp_path
         self.s3 = s3
@@ -110,6 +112,9 @@ class FaultFleet:
             "SKUFLEET_RETRY_BACKOFF_SECONDS": "0.2",
             "PYTHONPATH": str(ROOT),
         }
+        self.worker_env = {**self.env, "SKUFLEET_DATABASE_URL": worker_database_url or database_url}
+        """The workers' environment: their ledger may be reached through an outage proxy."""
+        self.with_reconciler = reconciler
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.reconciler: subprocess.Popen[bytes] | None = None
         self.engine = ledger.create_engine(database_url)
@@ -125,9 +130,10 @@ class FaultFleet:
         s3.create_bucket(Bucket=self.bucket)
         for index in range(self.worker_count):
             self.start_worker(index)
-        self.reconciler = self._spawn(
-            [str(BIN / "skufleet"), "reconcile", "--watch", "--json"], "reconciler"
-        )
+        if self.with_reconciler:
+            self.reconciler = self._spawn(
+                [str(BIN / "skufleet"), "reconcile", "--watch", "--json"], "reconciler"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -138,11 +144,13 @@ class FaultFleet:
         self.redis.stop()
         self.engine.dispose()
 
-    def _spawn(self, command: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, command: list[str], name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.tmp_path / f"{name}.log").open("ab")
         return subprocess.Popen(
             command,
-            env=self.env,
+            env=env or self.env,
             cwd=self.tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -230,7 +238,15 @@ class FaultFleet:
 
     def start_worker(self, index: int) -> None:
         command = stand_in_worker(*self.fixture, name=f"w{index}", burst=False)
-        self.workers[index] = self._spawn(command, f"worker-{index}")
+        self.workers[index] = self._spawn(command, f"worker-{index}", self.worker_env)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until every worker has said it consumes its queue."""
+        wait_until(
+            lambda: all(" ready on " in self.log(f"worker-{i}") for i in self.workers),
+            timeout,
+            "the workers",
+        )
 
     def kill_worker(self, index: int) -> None:
         """SIGKILL: no clean-up, no ack, no goodbye."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import subprocess
 import time
 import urllib.error
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from producer.services import free_port, wait_until
 from tests.conftest import BIN, EXAMPLES, Fleet, postgres_only
@@ -40,9 +42,10 @@ def listening(url: str) -> bool:
 
 
 @postgres_only
-def test_flower_asks_for_credentials_on_its_pages_and_api(fleet: Fleet) -> None:
-    """Without credentials every page and API call answers 401; with them, 200 (Prometheus'
-    /metrics stays open to scrapers). Without SKUFLEET_FLOWER_BASIC_AUTH it refuses to
+def test_flower_asks_for_credentials_on_every_endpoint(fleet: Fleet) -> None:
+    """Flower bound to every address (0.0.0.0, reached here through 127.0.0.1) answers 401
+    without credentials or with wrong ones on every page, API call, /metrics and
+    /healthcheck, and 200 with them. Without SKUFLEET_FLOWER_BASIC_AUTH it refuses to
     listen beyond the loopback address."""
     refused = fleet.cli("flower", "--address", "0.0.0.0")
     assert refused.returncode == 2 and "without authentication" in refused.stderr
@@ -50,12 +53,15 @@ def test_flower_asks_for_credentials_on_its_pages_and_api(fleet: Fleet) -> None:
     auth = ("ops", "s3cret-Flower-pass")
     env = {**fleet.env, "SKUFLEET_FLOWER_BASIC_AUTH": ":".join(auth)}
     base = f"http://127.0.0.1:{port}"
-    with fleet.background(str(BIN / "skufleet"), "flower", "--port", str(port), env=env):
+    command = ("flower", "--address", "0.0.0.0", "--port", str(port))
+    with fleet.background(str(BIN / "skufleet"), *command, env=env):
         wait_until(lambda: listening(base), 60, "Flower")
         for path in ("/", "/workers", "/tasks", "/api/workers", "/api/tasks"):
             assert get(base + path)[0] == 401, path
             assert get(base + path, ("ops", "wrong"))[0] == 401, path
-        for path in ("/", "/api/workers", "/metrics"):
+        for path in ("/metrics", "/healthcheck", "/static/css/flower.css", "/no-such-page"):
+            assert get(base + path)[0] == 401, path
+        for path in ("/", "/api/workers", "/metrics", "/healthcheck"):
             assert get(base + path, auth)[0] == 200, path
 
 
@@ -141,10 +147,13 @@ def test_generate_queues_a_prompt_waits_and_saves_the_images(fleet: Fleet) -> No
     assert all(read_metadata(p.read_bytes())["prompt"] == "a red enamel mug" for p in paths)
 
 
-def demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`skufleet demo ARGS --dir tmp_path/demo` with nothing configured."""
+def demo(
+    tmp_path: Path, *args: str, configured: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`skufleet demo ARGS --dir tmp_path/demo` with nothing configured but ``configured``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SKUFLEET_", "AWS_"))}
     env["SKUFLEET_CACHE_DIR"] = str(tmp_path / "cache")
+    env.update(configured or {})
     return subprocess.run(
         [str(BIN / "skufleet"), "demo", *args, "--dir", str(tmp_path / "demo")],
         env=env,
@@ -180,18 +189,31 @@ def _processes() -> set[str]:
     }
 
 
-def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path) -> None:
+def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path, postgres_url: str) -> None:
     """--keep leaves Redis, S3, Flower and a listening worker running and says how to stop
-    them; --stop stops every one of them."""
+    them, in a stack.json of mode 0600 that holds none of the configured secrets (here a
+    ledger URL's password and AWS keys); --stop stops every one of them."""
     catalogue = tmp_path / "two.csv"
     catalogue.write_text("sku,title,category\nK1,Red mug,Kitchen\nK2,Oak shelf,Home\n")
+    # the test server trusts local connections, so the ledger URL's password is ignored
+    ledger_url = sa.make_url(postgres_url).set(password="Ledger-Pass-Marker")
+    configured = {
+        "SKUFLEET_DATABASE_URL": ledger_url.render_as_string(hide_password=False),
+        "AWS_ACCESS_KEY_ID": "Access-Key-Marker",
+        "AWS_SECRET_ACCESS_KEY": "Secret-Key-Marker",
+    }
     before = _processes()
-    result = demo(tmp_path, str(catalogue), "--keep")
+    result = demo(tmp_path, str(catalogue), "--keep", configured=configured)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "│ succeeded     │ 4" in result.stdout
     assert "skufleet demo --stop" in result.stdout + result.stderr
     try:
-        kept = json.loads((tmp_path / "demo" / "stack.json").read_text())
+        state = tmp_path / "demo" / "stack.json"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600
+        text = state.read_text()
+        for marker in ("Ledger-Pass-Marker", "Access-Key-Marker", "Secret-Key-Marker"):
+            assert marker not in text, marker
+        kept = json.loads(text)
         running = _processes() - before
         for name in ("redis-server", "weed server", "flower", "skufleet-worker"):
             assert any(name in line for line in running), (name, running)
@@ -199,7 +221,22 @@ def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path) -> None:
     finally:
         stopped = demo(tmp_path, "--stop")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert f"stopped {len(kept['pids'])} processes" in stopped.stdout
+    assert f"stopped {len(kept['processes'])} processes" in stopped.stdout
     assert not (tmp_path / "demo" / "stack.json").exists()
-    time.sleep(1)
-    assert _processes() - before == set()
+    # each kept process led its own group: none of those groups has a live member left
+    # (checked by group: other test sessions on this machine may start servers meanwhile)
+    groups = {entry["pid"] for entry in kept["processes"]}
+    wait_until(lambda: not _live_groups(groups), 10, "the kept processes to exit")
+
+
+def _live_groups(groups: set[int]) -> set[int]:
+    """Those of process ``groups`` with a member that is running (not a zombie)."""
+    live = set()
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if fields[0] != "Z" and int(fields[2]) in groups:
+            live.add(int(fields[2]))
+    return live

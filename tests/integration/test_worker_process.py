@@ -133,12 +133,12 @@ def test_a_worker_busy_with_a_long_batch_stays_online(fleet: Fleet) -> None:
 
 @postgres_only
 def test_a_device_out_of_memory_for_one_image_leaves_the_rotation(fleet: Fleet) -> None:
-    """The worker stops consuming and exits 3 with a clear line for its supervisor; its
+    """The worker stops consuming and exits 4 with a clear line for its supervisor; its
     items are back on the queue for other workers, their attempts not used up."""
     enqueue(fleet, rows=3, batch=3)
     worker = start_stand_in(fleet, f"oom{secrets.token_hex(3)}", "--fixture", "oom", "--fits", "0")
     output, _ = worker.communicate(timeout=120)
-    assert worker.returncode == 3, output[-3000:]
+    assert worker.returncode == 4, output[-3000:]
     assert "out of rotation" in output and "out of memory" in output
     with Session(fleet.engine()) as session:
         found = list(session.scalars(sa.select(Item)))
