@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.skufleet-installed
 
-.PHONY: install demo test gpu-wheels clean
+.PHONY: install demo lint check test gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/skufleet demo
 
-test: $(STAMP)
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+
+# the fast tier, while working: no Redis, PostgreSQL or S3 needed
+check: lint
+	$(BIN)/python -m pytest -m "not services" -q -n 2
+
+# everything, against real services; 4 processes, since most tests wait on workers and servers
+test: lint
+	$(BIN)/python -m pytest -n 4
 
 # Wheels that bench/gpu.py needs on a GPU machine with only torch and transformers
 # (pure-Python, for its Python 3.12); bench/gpu-device.sh installs them there.

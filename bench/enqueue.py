@@ -40,14 +40,14 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producer.db import upgrade  # noqa: E402
-from producer.seed import derive_seed  # noqa: E402
-from producer.services import LocalRedis  # noqa: E402
-from producer.template import TemplatePack  # noqa: E402
-from schemas import ledger  # noqa: E402
-from schemas.names import TASK_RENDER, render_queue  # noqa: E402
-from schemas.params import default_params  # noqa: E402
-from schemas.tables import Item, ItemStatus  # noqa: E402
+from skufleet.producer.db import upgrade  # noqa: E402
+from skufleet.producer.seed import derive_seed  # noqa: E402
+from skufleet.producer.services import LocalRedis  # noqa: E402
+from skufleet.producer.template import TemplatePack  # noqa: E402
+from skufleet.schemas import ledger  # noqa: E402
+from skufleet.schemas.names import TASK_RENDER, render_queue  # noqa: E402
+from skufleet.schemas.params import default_params  # noqa: E402
+from skufleet.schemas.tables import Item, ItemStatus  # noqa: E402
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ONE_SHOT_PACK = """

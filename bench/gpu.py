@@ -39,10 +39,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from schemas.output import OutputSpec  # noqa: E402
-from worker.handoff import Handoff  # noqa: E402
-from worker.pipeline import Job, Pipeline, PipelineOptions  # noqa: E402
-from worker.postprocess import process  # noqa: E402
+from skufleet.schemas.output import OutputSpec  # noqa: E402
+from skufleet.worker.handoff import Handoff  # noqa: E402
+from skufleet.worker.pipeline import Job, Pipeline, PipelineOptions  # noqa: E402
+from skufleet.worker.postprocess import process  # noqa: E402
 
 ARCHITECTURE = Path(__file__).resolve().parent / "sd15-architecture.json"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -71,7 +71,7 @@ def random_sd15(device: torch.device, dtype: torch.dtype) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from worker.tiny import write_tokenizer
+    from skufleet.worker.tiny import write_tokenizer
 
     config = json.loads(ARCHITECTURE.read_text())
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731

@@ -2,8 +2,8 @@
 
 from alembic import context
 
-from schemas.ledger import create_engine
-from schemas.tables import Base
+from skufleet.schemas.ledger import create_engine
+from skufleet.schemas.tables import Base
 
 config = context.config
 connection = config.attributes.get("connection")
@@ -19,5 +19,8 @@ def run(conn) -> None:  # type: ignore[no-untyped-def]
 if connection is not None:
     run(connection)
 else:
-    with create_engine(config.get_main_option("sqlalchemy.url")).connect() as conn:
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise SystemExit("no database: run migrations with `skufleet db upgrade`")
+    with create_engine(url).connect() as conn:
         run(conn)

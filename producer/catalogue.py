@@ -10,7 +10,8 @@ parsing, so a bad byte rejects only its own record instead of stopping the file.
 Memory stays constant whatever the file holds: a physical line, a record or a field over
 ``MAX_LINE_BYTES`` is a ``too_long`` reject, read past in chunks and never held whole. A file
 that is not a CSV at all (a directory, a PNG, a gzip or zip file, UTF-16 text, old Mac line
-endings) is refused at once with one line saying what it is.
+endings) is refused at once with one line saying what it is. The bytes-to-lines side of both
+is :mod:`skufleet.producer.lines`; this module turns lines into checked records.
 """
 
 from __future__ import annotations
@@ -26,17 +27,15 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
-from producer.paths import file_kind
-from schemas.errors import CatalogueError
+from skufleet.producer.lines import HEAD_BYTES, MAX_LINE_BYTES, Lines, RecordTooLong, not_csv
+from skufleet.producer.paths import file_kind
+from skufleet.schemas.errors import CatalogueError
 
 REQUIRED_COLUMNS = ("sku", "title")
 MAX_FIELD_CHARS = 4000
 """A field longer than this is rejected: it is a broken record, not a product."""
 MAX_SKU_CHARS = 256
-MAX_LINE_BYTES = 1 << 20
-"""A physical line, a record or a field over this many bytes (1 MiB) is ``too_long``."""
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -55,34 +54,8 @@ _BAD_IN_SKU = {
 """Unicode general categories a SKU may not hold: invisible, or read differently by the
 systems a SKU travels through (spreadsheets, S3 keys, logs)."""
 
-_HEAD_BYTES = 64 * 1024
-"""The first block of a file, looked at for signs that it is not a CSV at all."""
-_SKIP_BYTES = 64 * 1024
-"""Chunk in which the rest of an over-long line is read past."""
-_STAND_IN = "-\n"
-"""What the CSV parser reads in place of an over-long line (whose record is rejected)."""
-_NOT_CSV = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image", ""),
-    (b"\xff\xd8\xff", "a JPEG image", ""),
-    (b"GIF87a", "a GIF image", ""),
-    (b"GIF89a", "a GIF image", ""),
-    (b"%PDF-", "a PDF document", ""),
-    (b"\x1f\x8b", "a gzip file", "decompress it first"),
-    (b"\xfd7zXZ\x00", "an xz file", "decompress it first"),
-    (b"(\xb5/\xfd", "a zstd file", "decompress it first"),
-    (b"PK\x03\x04", "a zip archive (an .xlsx workbook is one)", "extract or export the CSV"),
-    (b"PK\x05\x06", "an empty zip archive", ""),
-    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract the CSV first"),
-    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Office file (.xls)", "export it as CSV"),
-    (b"\xff\xfe\x00\x00", "UTF-32 text", "save it as UTF-8"),
-    (b"\x00\x00\xfe\xff", "UTF-32 text", "save it as UTF-8"),
-    (b"\xff\xfe", "UTF-16 text", "save it as UTF-8"),
-    (b"\xfe\xff", "UTF-16 text", "save it as UTF-8"),
-)
-"""Magic bytes of files often given instead of a CSV: what it is, what to do. Other binary
-files (SQLite, Parquet, executables) have a NUL byte in what would be the header line."""
 
-# A record (and so a field) over MAX_LINE_BYTES is stopped by _Lines first; the parser's own
+# A record (and so a field) over MAX_LINE_BYTES is stopped by Lines first; the parser's own
 # limit, lowered from 16 MiB to the same size, is the backstop.
 csv.field_size_limit(MAX_LINE_BYTES)
 
@@ -142,68 +115,6 @@ class Tally:
         self.reasons[outcome.reason] = self.reasons.get(outcome.reason, 0) + 1
 
 
-class _RecordTooLong(Exception):
-    """A record's lines passed MAX_LINE_BYTES together (raised through the CSV parser)."""
-
-
-class _Lines:
-    """Physical lines of a file, decoded one by one, with their count and the byte offset
-    after the line that starts the current record (where parsing resumes after a bad one).
-
-    A line over MAX_LINE_BYTES is read past in chunks and given to the parser as a short
-    stand-in, with ``too_long`` saying why the record it belongs to is rejected; a record
-    whose lines pass MAX_LINE_BYTES together stops the parser with :class:`_RecordTooLong`.
-    """
-
-    def __init__(self, raw: BinaryIO, encoding: str) -> None:
-        self.raw = raw
-        self.encoding = encoding
-        self.count = 0
-        self.resume_offset = 0
-        self.too_long: str | None = None
-        """Why the current record is too long, once one of its lines was."""
-        self._marked = False
-        self._record_bytes = 0
-
-    def mark(self) -> None:
-        """The next line read starts a record."""
-        self._marked = True
-        self.too_long = None
-        self._record_bytes = 0
-
-    def seek(self, offset: int, count: int) -> None:
-        self.raw.seek(offset)
-        self.count = count
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        data = self.raw.readline(MAX_LINE_BYTES + 1)
-        if not data:
-            raise StopIteration
-        self.count += 1
-        overlong = len(data) > MAX_LINE_BYTES and not data.endswith(b"\n")
-        if overlong:
-            while (rest := self.raw.readline(_SKIP_BYTES)) and not rest.endswith(b"\n"):
-                pass
-        if self._marked:
-            self.resume_offset = self.raw.tell()
-            self._marked = False
-        if overlong:
-            self.too_long = self.too_long or f"line {self.count} is over {MAX_LINE_BYTES:,} bytes"
-            return _STAND_IN
-        self._record_bytes += len(data)
-        if self._record_bytes > MAX_LINE_BYTES:
-            raise _RecordTooLong(
-                f"the record runs over {MAX_LINE_BYTES:,} bytes by line {self.count} "
-                "(a quote left open?)"
-            )
-        if self.count == 1 and data.startswith(codecs.BOM_UTF8) and self.encoding == "utf-8":
-            data = data[len(codecs.BOM_UTF8) :]
-        return data.decode(self.encoding, "surrogateescape")
-
-
 STRUCTURAL = frozenset({"ragged", "malformed_quotes", "unterminated_quote", "too_long"})
 """Reasons that may mean a stray quote swallowed the lines after a record's first line."""
 
@@ -246,19 +157,19 @@ class Catalogue:
             self._raw = open(path, "rb")  # noqa: SIM115 - closed by close() / __exit__
         except OSError as exc:
             raise CatalogueError(f"cannot open catalogue {path}: {exc}") from exc
-        problem = _not_csv(self._raw.read(_HEAD_BYTES))
+        problem = not_csv(self._raw.read(HEAD_BYTES))
         if problem:
             self.close()
             raise CatalogueError(f"catalogue {path} {problem}")
         self._raw.seek(0)
-        self._lines = _Lines(self._raw, self.encoding)
+        self._lines = Lines(self._raw, self.encoding)
         self._reader = csv.reader(self._lines, strict=True)
         try:
             header = next(self._reader)
         except StopIteration:
             self.close()
             raise CatalogueError(f"catalogue {path} is empty: it has no header row") from None
-        except (csv.Error, _RecordTooLong) as exc:
+        except (csv.Error, RecordTooLong) as exc:
             self.close()
             raise CatalogueError(f"catalogue {path}: cannot parse the header: {exc}") from exc
         if self._lines.too_long:
@@ -327,7 +238,7 @@ class Catalogue:
                 row = next(self._reader)
             except StopIteration:
                 return
-            except (csv.Error, _RecordTooLong) as exc:
+            except (csv.Error, RecordTooLong) as exc:
                 number += 1
                 outcome: Record | Reject = Reject(number, line, _reason(exc), str(exc))
             else:
@@ -402,7 +313,7 @@ class Catalogue:
 
 def _reason(exc: Exception) -> str:
     """The reject reason of a record the CSV parser could not finish."""
-    if isinstance(exc, _RecordTooLong) or "larger than field limit" in str(exc):
+    if isinstance(exc, RecordTooLong) or "larger than field limit" in str(exc):
         return "too_long"
     return "unterminated_quote" if "end of data" in str(exc) else "malformed_quotes"
 
@@ -417,16 +328,4 @@ def _bad_character(sku: str) -> str | None:
         if kind:
             name = unicodedata.name(char, "")
             return f"{kind} U+{ord(char):04X}" + (f" ({name})" if name else "")
-    return None
-
-
-def _not_csv(head: bytes) -> str | None:
-    """What is wrong with a file whose first block is ``head``, if it is plainly not a CSV."""
-    for magic, kind, advice in _NOT_CSV:
-        if head.startswith(magic):
-            return f"is {kind}, not CSV" + (f": {advice}" if advice else "")
-    if b"\x00" in head.split(b"\n", 1)[0]:
-        return "has NUL bytes in its header line: it is a binary file or UTF-16 text, not CSV"
-    if b"\r" in head and b"\n" not in head:
-        return "has old Mac line endings (CR only): convert them to LF or CRLF first"
     return None

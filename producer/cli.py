@@ -1,19 +1,22 @@
-"""``skufleet``: the producer and operations command line."""
+"""``skufleet``: the producer and operations command line.
+
+The app and the commands of a run's life (``db upgrade``, ``enqueue``, ``status``, ``runs``,
+``cancel``, ``retry``) are here; the commands around runs live in
+:mod:`skufleet.producer.cli_fleet`, the helpers every command shares in
+:mod:`skufleet.producer.console`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
-import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import (
@@ -26,22 +29,25 @@ from rich.progress import (
 )
 from rich.table import Table
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
 
-from schemas import ledger
-from schemas.errors import (
+from skufleet.producer import cli_fleet
+from skufleet.producer.console import (
+    err,
+    fail,
+    ledger_engine,
+    out,
+    parse_columns,
+    parse_overrides,
+    reported,
+)
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import (
     EXIT_CODES_HELP,
     ConfigError,
-    LedgerUnavailable,
-    RetryableError,
-    SkufleetError,
-    exit_code,
-    one_line,
 )
-from schemas.names import SCHEDULERS
-from schemas.output import OutputSpec
-from schemas.params import GenerationParams, default_params
-from schemas.settings import Settings, load_settings
+from skufleet.schemas.names import SCHEDULERS
+from skufleet.schemas.params import DEFAULT_BATCH_SIZE
+from skufleet.schemas.settings import Settings, load_settings
 
 app = typer.Typer(
     help="Turn catalogues into Stable Diffusion images on a Celery fleet.",
@@ -52,37 +58,8 @@ app = typer.Typer(
 db_app = typer.Typer(help="Ledger database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-err = Console(stderr=True, soft_wrap=True)  # error lines stay whole for grep and logs
-out = Console()
-
 RATE_WINDOW = timedelta(seconds=60)
 """Items/s in `skufleet status` counts the items finished within this window."""
-
-
-def fail(exc: SkufleetError) -> NoReturn:
-    """One plain line on stderr (URLs without their secrets, no markup read from the
-    message) and the exit code of ``exc``'s class: see ``schemas.errors``."""
-    err.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False)
-    raise typer.Exit(exit_code(exc))
-
-
-@contextlib.contextmanager
-def reported() -> Iterator[None]:
-    """Turn skufleet's errors into one plain line on stderr and an exit code."""
-    try:
-        yield
-    except SkufleetError as exc:
-        fail(exc)
-    except OperationalError as exc:
-        # the commands read the ledger themselves: a database lost after the schema check
-        fail(LedgerUnavailable(f"the ledger failed: {exc.orig}"))
-
-
-def port_option(value: int) -> int:
-    """A --port given on the command line: 1-65535 (the OS would wrap 99999 around)."""
-    if not 1 <= value <= 65535:
-        fail(ConfigError(f"--port must be 1-65535, got {value}"))
-    return value
 
 
 @app.callback()
@@ -94,49 +71,10 @@ def _main(ctx: typer.Context) -> None:
         fail(exc)
 
 
-def ledger_engine(settings: Settings) -> Engine:
-    """The ledger, checked to be at this code's schema."""
-    engine = ledger.create_engine(settings.database_url)
-    ledger.require_schema(engine)
-    return engine
-
-
-def parse_size(value: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)[xX](\d+)", value.strip())
-    if not match:
-        raise ConfigError(f"--size must look like 512x512, got {value!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def parse_columns(values: list[str]) -> dict[str, str]:
-    mapping = {}
-    for value in values:
-        name, sep, header = value.partition("=")
-        if not sep or not name.strip() or not header.strip():
-            raise ConfigError(f"--column must look like sku=ItemID, got {value!r}")
-        mapping[name.strip()] = header.strip()
-    return mapping
-
-
-def parse_overrides(model: str, size: str | None, **given: Any) -> dict[str, Any]:
-    """Generation and output parameters given on the command line, checked."""
-    overrides = {name: value for name, value in given.items() if value is not None}
-    if size is not None:
-        overrides["width"], overrides["height"] = parse_size(size)
-    output = {k: overrides[k] for k in ("format", "quality", "max_side") if k in overrides}
-    generation = {k: v for k, v in overrides.items() if k not in output}
-    try:
-        GenerationParams(**{**default_params(model).model_dump(), **generation})
-        OutputSpec(**output)
-    except ValueError as exc:
-        raise ConfigError(f"invalid generation parameters: {exc}") from exc
-    return overrides
-
-
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Create or upgrade the ledger's tables (Alembic)."""
-    from producer.db import upgrade
+    from skufleet.producer.db import upgrade
 
     settings: Settings = ctx.obj
     with reported():
@@ -160,7 +98,7 @@ def enqueue(
         typer.Option(help="Map a catalogue header to a skufleet name: sku=ItemID (repeatable)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Run seed; item seeds derive from it.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Items per render message.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Items per render message.")] = DEFAULT_BATCH_SIZE,
     size: Annotated[str | None, typer.Option(help="Image size WxH [pack/model default].")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps [pack/model default].")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale [pack default].")] = None,
@@ -186,11 +124,11 @@ def enqueue(
     Enqueuing a run again with an updated catalogue renders only new items and items whose
     prompt or parameters changed.
     """
-    from producer.enqueue import EnqueueRequest
-    from producer.enqueue import enqueue as run_enqueue
-    from producer.paths import check_output, open_output
-    from producer.publish import Publisher
-    from producer.template import TemplatePack
+    from skufleet.producer.enqueue import EnqueueRequest
+    from skufleet.producer.enqueue import enqueue as run_enqueue
+    from skufleet.producer.paths import check_output, open_output
+    from skufleet.producer.publish import Publisher
+    from skufleet.producer.template import TemplatePack
 
     settings: Settings = ctx.obj
     with reported():
@@ -286,7 +224,7 @@ def enqueue(
 
 
 def _status_view(engine: Engine, run: str) -> tuple[Group, ledger.RunStatus]:
-    with engine.connect() as conn:
+    with ledger.connect(engine) as conn:
         status = ledger.run_status(conn, run)
         recent = ledger.finished_since(conn, run, ledger.utcnow() - RATE_WINDOW)
         reasons = ledger.failure_reasons(conn, run)
@@ -332,7 +270,7 @@ def status(
     with reported():
         engine = ledger_engine(settings)
         if as_json:
-            with engine.connect() as conn:
+            with ledger.connect(engine) as conn:
                 print(json.dumps(ledger.run_status(conn, run).as_dict()))
             return
         view, current = _status_view(engine, run)
@@ -352,7 +290,7 @@ def runs(ctx: typer.Context) -> None:
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
-        with engine.connect() as conn:
+        with ledger.connect(engine) as conn:
             found = ledger.list_runs(conn)
     table = Table(box=None)
     for name in ("run", "state", "succeeded", "failed", "open", "model", "pack", "created"):
@@ -385,8 +323,8 @@ def cancel(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run name
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
-        with engine.begin() as conn:
-            cancelled = ledger.cancel_run(conn, ledger.run_id(conn, run))
+        with ledger.begin(engine) as conn:
+            cancelled = ledger.cancel_run(conn, ledger.find_run_id(conn, run))
     out.print(f"run {escape(run)}: {cancelled:,} items cancelled; running items finish")
 
 
@@ -400,8 +338,8 @@ def retry(
     as_json: Annotated[bool, typer.Option("--json", help="Print counts as JSON.")] = False,
 ) -> None:
     """Queue a run's failed and cancelled items again, each with a fresh attempt budget."""
-    from producer.enqueue import retry as retry_run
-    from producer.publish import Publisher
+    from skufleet.producer.enqueue import retry as retry_run
+    from skufleet.producer.publish import Publisher
 
     settings: Settings = ctx.obj
     with reported():
@@ -419,304 +357,16 @@ def retry(
         )
 
 
-@app.command()
-def manifest(
-    ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="Run name.")],
-    out_file: Annotated[
-        Path | None, typer.Option("--out", help="Write here instead of standard output.")
-    ] = None,
-    upload: Annotated[
-        bool, typer.Option("--upload", help="Write it to the bucket as <run>/manifest.jsonl.")
-    ] = False,
-) -> None:
-    """JSON Lines, one per succeeded item: run, sku, shot, key, seed, sha256, bytes, prompt,
-    negative prompt, model and generation parameters. Written to the bucket by itself when
-    a run completes; --upload writes it again now."""
-    from producer.paths import check_output, open_output
-
-    settings: Settings = ctx.obj
-    with reported():
-        if out_file:
-            check_output(out_file, flag="--out")
-        engine = ledger_engine(settings)
-        if upload:
-            from producer.bucket import Bucket
-            from producer.downstream import write_manifest
-
-            key, count = write_manifest(engine, Bucket(settings), run)
-            err.print(f"{count:,} items written to {escape(f's3://{settings.s3_bucket}/{key}')}")
-            return
-        with contextlib.ExitStack() as stack:
-            sink = (
-                stack.enter_context(open_output(out_file, flag="--out"))
-                if out_file
-                else (sys.stdout)
-            )
-            conn = stack.enter_context(engine.connect())
-            count = 0
-            for record in ledger.manifest(conn, run):
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-    if out_file:
-        err.print(f"{count:,} items written to {escape(str(out_file))}")
-
-
-@app.command()
-def presign(
-    ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="Run name.")],
-    expires: Annotated[int, typer.Option(help="Seconds each URL stays valid.")] = 7 * 24 * 3600,
-    out_file: Annotated[
-        Path | None, typer.Option("--out", help="Write here instead of standard output.")
-    ] = None,
-) -> None:
-    """Presigned URLs of a run's images, one JSON line each (sku, shot, key, url): downstream
-    systems read the private bucket with them, no credentials needed."""
-    from producer.bucket import Bucket
-    from producer.downstream import presigned
-    from producer.paths import check_output, open_output
-
-    settings: Settings = ctx.obj
-    with reported():
-        if not 1 <= expires <= 7 * 24 * 3600:
-            raise ConfigError(f"--expires must be 1-604800 seconds (S3's limit), got {expires}")
-        if out_file:
-            check_output(out_file, flag="--out")
-        engine = ledger_engine(settings)
-        with contextlib.ExitStack() as stack:
-            sink = (
-                stack.enter_context(open_output(out_file, flag="--out"))
-                if out_file
-                else (sys.stdout)
-            )
-            for record in presigned(engine, Bucket(settings), run, expires):
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-@app.command()
-def flower(
-    ctx: typer.Context,
-    address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.", callback=port_option)] = 5555,
-) -> None:
-    """Flower, the live dashboard of the workers and tasks, on the configured broker.
-
-    Basic authentication comes from SKUFLEET_FLOWER_BASIC_AUTH (user:password, passwords of
-    12 characters or more) and guards every endpoint, /metrics and /healthcheck included;
-    without it Flower starts only on the loopback address. Its state persists in
-    SKUFLEET_CACHE_DIR and it serves Prometheus metrics on /metrics.
-    """
-    from producer.flower import serve
-
-    settings: Settings = ctx.obj
-    with reported():
-        serve(settings, address=address, port=port)
-
-
-@app.command()
-def metrics(
-    ctx: typer.Context,
-    address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.", callback=port_option)] = 9808,
-) -> None:
-    """Prometheus metrics Flower lacks: queue depth per queue, items by status per run,
-    images/s and seconds per image per device (served on /metrics)."""
-    from prometheus_client import REGISTRY, start_http_server
-
-    from producer.metrics import FleetCollector
-    from producer.publish import Publisher
-    from schemas.names import ops_queue
-
-    settings: Settings = ctx.obj
-    with reported():
-        engine = ledger_engine(settings)
-        publisher = Publisher(settings)
-        # the broker answers at start; a later outage only leaves its samples out
-        publisher.queue_length(ops_queue(settings.queue_prefix))
-        REGISTRY.register(FleetCollector(settings, engine, publisher))
-        try:
-            start_http_server(port, addr=address)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {address}:{port}: {exc.strerror}") from exc
-        err.print(f"metrics on http://{escape(address)}:{port}/metrics")
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(3600)
-
-
-@app.command()
-def generate(
-    ctx: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    negative: Annotated[str, typer.Option(help="What to keep out.")] = "",
-    count: Annotated[int, typer.Option("-n", "--count", help="How many images.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed of the first image; the rest follow.")] = 0,
-    model: Annotated[str | None, typer.Option(help="Model id or path [SKUFLEET_MODEL].")] = None,
-    size: Annotated[str | None, typer.Option(help="Image size WxH [model default].")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps [model default].")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Where the images are saved.")] = Path("."),
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the fleet.")] = 3600,
-) -> None:
-    """A handful of images of one prompt through the fleet: queue them, wait, save them."""
-    from producer.generate import generate as run_generate
-
-    settings: Settings = ctx.obj
-    with reported():
-        model = model or settings.model
-        overrides = parse_overrides(model, size, steps=steps)
-        paths = run_generate(
-            settings,
-            ledger_engine(settings),
-            prompt,
-            negative=negative,
-            count=count,
-            seed=seed,
-            model=model,
-            overrides=overrides,
-            out_dir=out_dir,
-            timeout=timeout,
-            console=err,
-        )
-    for path in paths:
-        print(path)  # one path a line, unwrapped, for scripts
-
-
-@app.command()
-def reconcile(
-    ctx: typer.Context,
-    run: Annotated[str | None, typer.Argument(help="Only this run [every run].")] = None,
-    watch: Annotated[bool, typer.Option("--watch", help="Keep reconciling until stopped.")] = False,
-    interval: Annotated[
-        float | None, typer.Option(help="Seconds between passes [SKUFLEET_RECONCILE_SECONDS].")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per pass.")] = False,
-) -> None:
-    """Requeue items whose lease expired or whose message was lost; fail those past the cap."""
-    from producer.publish import Publisher
-    from producer.reconcile import reconcile as reconcile_pass
-
-    settings: Settings = ctx.obj
-    with reported():
-        engine = ledger_engine(settings)
-        with Publisher(settings) as publisher, contextlib.suppress(KeyboardInterrupt):
-            while True:
-                try:
-                    report = reconcile_pass(engine, publisher, settings, run)
-                except RetryableError as exc:
-                    if not watch:
-                        raise
-                    # Redis or the database is away (a restart, a failover): try next pass
-                    err.print(f"reconcile: skipped a pass: {escape(one_line(exc))}")
-                else:
-                    if as_json:
-                        print(json.dumps(report.as_dict()), flush=True)
-                    else:
-                        err.print(f"reconcile: {escape(str(report))}")
-                if not watch:
-                    break
-                time.sleep(interval or settings.reconcile_seconds)
-
-
-@app.command()
-def beat(ctx: typer.Context) -> None:
-    """Celery beat: send the reconciler task to the workers every SKUFLEET_RECONCILE_SECONDS.
-
-    Run exactly one per fleet (two would reconcile twice as often, harmlessly).
-    """
-    from celery import Celery
-
-    from producer.publish import Publisher
-    from schemas.names import TASK_RECONCILE, ops_queue
-
-    settings: Settings = ctx.obj
-    with reported(), Publisher(settings) as publisher:
-        # Celery beat would wait for an unreachable broker for ever: say so and stop now
-        publisher.queue_length(ops_queue(settings.queue_prefix))
-    app = Celery("skufleet-beat", broker=settings.redis_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        beat_schedule={
-            "reconcile": {
-                "task": TASK_RECONCILE,
-                "schedule": settings.reconcile_seconds,
-                # a pass nobody took in time is dropped: the next one does the same work
-                "options": {
-                    "queue": ops_queue(settings.queue_prefix),
-                    "expires": settings.reconcile_seconds,
-                },
-            }
-        },
-    )
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    app.Beat(loglevel="INFO", schedule=str(settings.cache_dir / "beat-schedule")).run()
-
-
-@app.command()
-def demo(
-    ctx: typer.Context,
-    catalogue: Annotated[Path, typer.Argument(help="Catalogue CSV.")] = Path(
-        "examples/catalogue.csv"
-    ),
-    model: Annotated[
-        str, typer.Option(help="Model id or path; 'tiny' needs no download.")
-    ] = "tiny",
-    template: Annotated[str, typer.Option(help="Template pack name or path.")] = "ecommerce",
-    directory: Annotated[
-        Path, typer.Option("--dir", help="Where services keep data and images land.")
-    ] = Path("skufleet-demo"),
-    batch_size: Annotated[int, typer.Option(help="Items per render message.")] = 4,
-    keep: Annotated[
-        bool, typer.Option("--keep", help="Leave the stack running afterwards.")
-    ] = False,
-    stop: Annotated[
-        bool, typer.Option("--stop", help="Stop a stack left running by --keep.")
-    ] = False,
-) -> None:
-    """Start a private fleet (Redis, S3, SQLite, Flower, a worker per device), render a
-    catalogue with it, copy the images out, and stop it all."""
-    from producer import demo as demo_module
-    from producer.template import TemplatePack
-
-    settings: Settings = ctx.obj
-    with reported():
-        if stop:
-            report = demo_module.stop(directory)
-            for pid, why in report.refused:
-                err.print(f"left pid {pid} alone: it is not the process the demo started ({why})")
-            out.print(
-                f"stopped {len(report.stopped)} processes of the demo in {escape(str(directory))}"
-                + (f" ({len(report.gone)} had exited already)" if report.gone else "")
-            )
-            if report.refused:
-                raise typer.Exit(1)
-            return
-        result = demo_module.run_demo(
-            settings,
-            catalogue,
-            directory=directory,
-            model=model,
-            pack=TemplatePack.load(template),
-            batch_size=batch_size,
-            console=err,
-            keep=keep,
-        )
-    table = Table(title=f"run {escape(result.run)}", show_header=False)
-    for name in ("succeeded", "failed"):
-        table.add_row(name, str(result.counts[name]))
-    table.add_row("rejected rows", str(result.summary.rejected + result.summary.duplicates))
-    table.add_row("seconds", f"{result.seconds:.1f}")
-    out.print(table)
-    out.print(f"{len(result.images)} images in {escape(str(directory / 'images' / result.run))}/")
-    if keep:
-        out.print(
-            f"the stack is still running (Flower at {escape(str(result.flower))}); stop it with: "
-            f"skufleet demo --stop --dir {escape(str(directory))}"
-        )
-    if result.counts["failed"]:
-        raise typer.Exit(1)
+for command in (
+    cli_fleet.manifest,
+    cli_fleet.presign,
+    cli_fleet.flower,
+    cli_fleet.metrics,
+    cli_fleet.generate,
+    cli_fleet.reconcile,
+    cli_fleet.demo,
+):
+    app.command()(command)
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from migrations import DIRECTORY
-from schemas.errors import LedgerUnavailable, SkufleetError
-from schemas.ledger import describe
+from skufleet.migrations import DIRECTORY
+from skufleet.schemas.errors import LedgerUnavailable, SkufleetError
+from skufleet.schemas.ledger import describe
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -34,16 +34,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.engine import Engine
 
-from producer.bucket import Bucket
-from producer.db import upgrade
-from producer.enqueue import EnqueueRequest, EnqueueSummary, enqueue
-from producer.publish import Publisher
-from producer.services import LocalRedis, LocalS3, free_port
-from producer.template import TemplatePack
-from schemas import ledger
-from schemas.errors import ConfigError
-from schemas.settings import Settings
-from schemas.tables import ItemStatus
+from skufleet.producer import downstream
+from skufleet.producer.bucket import Bucket
+from skufleet.producer.db import upgrade
+from skufleet.producer.enqueue import EnqueueRequest, EnqueueSummary, enqueue
+from skufleet.producer.progress import wait_for_run
+from skufleet.producer.publish import Publisher
+from skufleet.producer.services import LocalRedis, LocalS3, free_port, spawn_group, stop_group
+from skufleet.producer.template import TemplatePack
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import ConfigError
+from skufleet.schemas.settings import Settings
 
 BIN = Path(sys.executable).parent
 STACK_FILE = "stack.json"
@@ -76,14 +77,9 @@ class _Stack:
     """Seconds a process gets between SIGTERM and SIGKILL, where not the default."""
 
     def spawn(self, command: list[str], name: str) -> subprocess.Popen[bytes]:
-        with (self.directory / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = spawn_group(
+            command, log=self.directory / f"{name}.log", env={**os.environ, **self.env}
+        )
         self.pids.append(process.pid)
         return process
 
@@ -273,15 +269,10 @@ def _flower(stack: _Stack, cleanup: contextlib.ExitStack, console: Console) -> s
     user, password = "demo", secrets.token_urlsafe(12)
     stack.env["SKUFLEET_FLOWER_BASIC_AUTH"] = f"{user}:{password}"
     process = stack.spawn([str(BIN / "skufleet"), "flower", "--port", str(port)], "flower")
-    cleanup.callback(_terminate, process)
+    cleanup.callback(stop_group, process, STOP_GRACE)
     url = f"http://127.0.0.1:{port}"
     console.print(f"Flower at {url} (user {user}, password {password})")
     return url
-
-
-def _count(engine: Engine, run: str) -> dict[str, int]:
-    with engine.connect() as conn:
-        return ledger.run_status(conn, run).counts
 
 
 def run_demo(
@@ -341,7 +332,10 @@ def run_demo(
             ],
             "worker",
         )
-        cleanup.callback(_terminate, worker)
+        cleanup.callback(stop_group, worker, STOP_GRACE)
+        if keep:
+            reconciler = stack.spawn([str(BIN / "skufleet"), "reconcile", "--watch"], "reconciler")
+            cleanup.callback(stop_group, reconciler, STOP_GRACE)
         counts = _wait(
             engine, run, summary.items, worker, console, started + timeout, directory / "worker.log"
         )
@@ -352,7 +346,12 @@ def run_demo(
             aws_secret_access_key=stack.env.get("AWS_SECRET_ACCESS_KEY"),
         )
         bucket = Bucket(settings, session)
-        with engine.connect() as conn:
+        # the run is done: its manifest goes to the bucket now (a kept stack's reconciler
+        # completes later runs, as in production)
+        with ledger.connect(engine) as conn:
+            run_id = ledger.find_run_id(conn, run)
+        downstream.complete(settings, engine, bucket, run_id)
+        with ledger.connect(engine) as conn:
             keys = [record["key"] for record in ledger.manifest(conn, run)]
         images = []
         for key in keys:
@@ -381,6 +380,7 @@ def _wait(
     deadline: float,
     log: Path,
 ) -> dict[str, int]:
+    """The run's counts once every item is done (``progress.wait_for_run``), with a bar."""
     with Progress(
         TextColumn("rendering"),
         BarColumn(),
@@ -389,24 +389,13 @@ def _wait(
         console=console,
     ) as progress:
         task = progress.add_task("render", total=total)
-        while True:
-            counts = _count(engine, run)
-            done = counts[ItemStatus.SUCCEEDED] + counts[ItemStatus.FAILED]
-            progress.update(task, completed=done)
-            if done == total:
-                return counts
-            if worker.poll() is not None and worker.returncode != 0:
-                raise ConfigError(f"the worker exited with code {worker.returncode}; see {log}")
-            if time.monotonic() > deadline:
-                raise ConfigError(f"the demo did not finish in time; see {log}")
-            time.sleep(0.5)
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        return wait_for_run(
+            engine,
+            run,
+            total,
+            deadline=deadline,
+            late="the demo did not finish in time",
+            on_progress=lambda done: progress.update(task, completed=done),
+            worker=worker,
+            log=log,
+        )

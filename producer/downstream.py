@@ -3,7 +3,8 @@
 When a run's last open item is done, the worker that finished it (the one that wins
 ``ledger.complete_run``) calls :func:`complete`: the manifest goes to
 ``<run>/manifest.jsonl`` in the bucket and, with a webhook configured, a ``run.completed``
-event with the totals goes into the ledger's outbox (``schemas.outbox``) and is sent at once.
+event with the totals goes into the ledger's outbox (``schemas.ledger.outbox``) and is sent
+at once.
 
 Delivery is one POST of the event's JSON body, ``http`` or ``https`` only, redirects not
 followed, :data:`WEBHOOK_TIMEOUT` seconds to connect and to answer, signed with
@@ -29,12 +30,13 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from producer.bucket import Bucket
-from schemas import ledger, outbox
-from schemas.errors import LedgerUnavailable
-from schemas.key import check_run_name
-from schemas.redact import redact_url
-from schemas.settings import Settings
+from skufleet.producer.bucket import Bucket
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import LedgerUnavailable
+from skufleet.schemas.key import check_run_name
+from skufleet.schemas.ledger import outbox
+from skufleet.schemas.redact import redact_url
+from skufleet.schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def write_manifest(engine: Engine, bucket: Bucket, run: str) -> tuple[str, int]:
 
     def lines() -> Iterator[str]:
         nonlocal count
-        with engine.connect() as conn:
+        with ledger.connect(engine) as conn:
             for record in ledger.manifest(conn, run):
                 count += 1
                 yield json.dumps(record, ensure_ascii=False) + "\n"
@@ -63,7 +65,7 @@ def write_manifest(engine: Engine, bucket: Bucket, run: str) -> tuple[str, int]:
 
 def presigned(engine: Engine, bucket: Bucket, run: str, expires: int) -> Iterator[dict[str, Any]]:
     """One record per succeeded item: sku, shot, key and a URL valid ``expires`` seconds."""
-    with engine.connect() as conn:
+    with ledger.connect(engine) as conn:
         for record in ledger.manifest(conn, run):
             yield {
                 "sku": record["sku"],
@@ -210,14 +212,15 @@ def complete(
     The event is recorded in the ledger before any delivery: a webhook that is down delays
     it, the reconciler sends it later, and nothing here raises for the webhook.
     """
-    if not ledger.complete_run(engine, run_id):
-        return False
-    run = ledger.run_name(engine, run_id)
+    with ledger.begin(engine) as conn:
+        if not ledger.complete_run(conn, run_id):
+            return False
+        run = ledger.find_run_name(conn, run_id)
     if run is None:
         return False
     try:
         key, items = write_manifest(engine, bucket, run)
-        with engine.connect() as conn:
+        with ledger.connect(engine) as conn:
             status = ledger.run_status(conn, run)
         if settings.webhook_url:
             outbox.record(
@@ -227,7 +230,8 @@ def complete(
                 {**status.as_dict(), "bucket": bucket.name, "manifest": key},
             )
     except Exception:
-        ledger.reopen_run(engine, run_id)  # the reconciler completes it on a later pass
+        with ledger.begin(engine) as conn:
+            ledger.reopen_run(conn, run_id)  # the reconciler completes it on a later pass
         raise
     log.info("run %s complete: %s; manifest of %d items at %s", run, status.counts, items, key)
     if deliver and settings.webhook_url:

@@ -21,18 +21,17 @@ from typing import Any, TextIO
 
 from sqlalchemy.engine import Engine
 
-from producer.catalogue import Catalogue, Record, Reject, Tally
-from producer.publish import Publisher
-from producer.seed import derive_seed
-from producer.template import OUTPUT_KEYS, Rendered, TemplatePack
-from producer.tokens import count_tokens
-from schemas import ledger
-from schemas.errors import ConfigError, ItemError
-from schemas.key import check_run_name
-from schemas.names import render_queue
-from schemas.output import OutputSpec
-from schemas.params import GenerationParams, RenderPayload, default_params
-from schemas.vocab import MAX_TOKENS
+from skufleet.producer.catalogue import Catalogue, Record, Reject, Tally
+from skufleet.producer.publish import Publisher
+from skufleet.producer.seed import derive_seed
+from skufleet.producer.template import Rendered, TemplatePack
+from skufleet.producer.tokens import count_tokens
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import ConfigError, ItemError
+from skufleet.schemas.key import check_run_name
+from skufleet.schemas.names import render_queue
+from skufleet.schemas.params import DEFAULT_BATCH_SIZE, Layered, RenderPayload, layer
+from skufleet.schemas.vocab import MAX_TOKENS
 
 STAGE_CHUNK = 1000
 """Catalogue records rendered, token-checked and staged per statement."""
@@ -80,7 +79,7 @@ class EnqueueRequest:
     run: str
     model: str
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     pack: TemplatePack = field(default_factory=TemplatePack.default)
     overrides: dict[str, Any] = field(default_factory=dict)
     """Generation parameters given on the command line; they win over the pack's."""
@@ -94,60 +93,42 @@ class EnqueueRequest:
             raise ConfigError(f"seed must be between 0 and 2**63-1, got {self.seed}")
 
 
-def aspect_size(aspect: str, width: int, height: int) -> tuple[int, int]:
-    """The size with ratio ``aspect`` whose shorter side is the shorter of the model's default
-    ``width``/``height``, both rounded to multiples of 8."""
-    ratio_w, ratio_h = (int(part) for part in aspect.split(":"))
-    short = min(width, height)
-    if ratio_w >= ratio_h:
-        return round(short * ratio_w / ratio_h / 8) * 8, short
-    return short, round(short * ratio_h / ratio_w / 8) * 8
-
-
 class _Parameters:
     """Item columns from a shot's keys: generation parameters and the output spec, each
-    distinct set validated once."""
+    distinct set layered (``schemas.params.layer``) and validated once."""
 
     def __init__(self, request: EnqueueRequest) -> None:
-        self.base = {**default_params(request.model).model_dump(), **request.pack.params}
-        self.overrides = request.overrides
-        self.pack = request.pack.source
-        self.cache: dict[tuple[tuple[str, Any], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.request = request
+        self.cache: dict[tuple[tuple[str, Any], ...], tuple[dict[str, Any], Layered]] = {}
 
-    def _resolve(self, rendered: Rendered) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _resolve(self, rendered: Rendered) -> tuple[dict[str, Any], Layered]:
         key = tuple(sorted(rendered.params.items()))
         found = self.cache.get(key)
         if found is None:
-            merged = {**self.base, **rendered.params, **self.overrides}
-            aspect = merged.pop("aspect", None)
-            if aspect and not {"width", "height"} & {*rendered.params, *self.overrides}:
-                merged["width"], merged["height"] = aspect_size(
-                    aspect, self.base["width"], self.base["height"]
-                )
-            output = {k: merged.pop(k) for k in OUTPUT_KEYS if k in merged}
-            try:
-                params = GenerationParams(**merged).model_dump()
-                OutputSpec(**{k: v for k, v in output.items() if k != "labels"})
-            except ValueError as exc:
-                raise ConfigError(
-                    f"{self.pack}: shot {rendered.shot!r} gives invalid parameters: {exc}"
-                ) from exc
-            found = self.cache[key] = (params, output)
+            request = self.request
+            layered = layer(
+                request.model,
+                pack=request.pack.params,
+                shot=rendered.params,
+                flags=request.overrides,
+                context=f"{request.pack.source}: shot {rendered.shot!r} gives invalid parameters",
+            )
+            found = self.cache[key] = (layered.params.model_dump(), layered)
         return found
 
     def __call__(self, rendered: Rendered, fields: dict[str, str]) -> dict[str, Any]:
         """The item's parameter columns and its ``output`` JSON for one row and shot."""
-        params, output = self._resolve(rendered)
+        params, layered = self._resolve(rendered)
         labels: tuple[str, ...] = ()
-        if "labels" in output:
-            column = output["labels"]
+        column = layered.output.get("labels")
+        if column is not None:
             if column not in fields:
                 raise ItemError(f"labels column {column!r} is not in the catalogue")
             labels = tuple(p.strip() for p in fields[column].split(";") if p.strip())
         try:
-            spec = OutputSpec(**{k: v for k, v in output.items() if k != "labels"}, labels=labels)
+            spec = layered.spec(labels)
         except ValueError as exc:
-            raise ItemError(f"column {output['labels']!r}: {exc}") from exc
+            raise ItemError(f"column {column!r}: {exc}") from exc
         return {**params, "output": spec.to_json()}
 
 
@@ -296,8 +277,7 @@ def publish_pending(
                 queue, [RenderPayload(run_id=run_id, model=model, item_ids=ids) for ids in batches]
             )
         except BaseException:
-            with engine.begin() as conn:
-                ledger.unmark_queued(conn, [i for batch in batches for i in batch])
+            ledger.unmark_queued(engine, [i for batch in batches for i in batch])
             raise
         items += sum(len(batch) for batch in batches)
         messages += len(batches)
@@ -333,7 +313,7 @@ def enqueue(
         Catalogue(
             request.catalogue, encoding=request.encoding, columns=request.pack.columns
         ) as catalogue,
-        engine.begin() as conn,
+        ledger.begin(engine) as conn,
     ):
         run_id = ledger.upsert_run(
             conn,
@@ -362,7 +342,7 @@ def enqueue(
     summary.enqueued, summary.messages = publish_pending(
         engine, publisher, run_id, request.model, queue, request.batch_size, progress
     )
-    with engine.begin() as conn:
+    with ledger.begin(engine) as conn:
         ledger.record_enqueue(conn, run_id, summary.as_dict())
     return summary
 
@@ -371,11 +351,11 @@ def retry(
     engine: Engine, publisher: Publisher, name: str, *, failed_only: bool, queue_prefix: str
 ) -> dict[str, Any]:
     """Put a run's failed (and cancelled) items back to pending and publish them."""
-    with engine.begin() as conn:
-        run = ledger.run_id(conn, name)
-        model, batch_size = ledger.run_settings(conn, run)
-        retried = ledger.retry_run(conn, run, failed_only=failed_only)
+    with ledger.begin(engine) as conn:
+        run_id = ledger.find_run_id(conn, name)
+        model, batch_size = ledger.run_settings(conn, run_id)
+        retried = ledger.retry_run(conn, run_id, failed_only=failed_only)
     enqueued, messages = publish_pending(
-        engine, publisher, run, model, render_queue(queue_prefix, model), batch_size
+        engine, publisher, run_id, model, render_queue(queue_prefix, model), batch_size
     )
     return {"run": name, "retried": retried, "enqueued": enqueued, "messages": messages}

@@ -30,8 +30,9 @@ from flower.urls import settings as flower_settings
 from tornado.httputil import HTTPServerRequest
 from tornado.options import options
 
-from schemas.errors import ConfigError
-from schemas.settings import Settings
+from skufleet.schemas.broker import celery_settings
+from skufleet.schemas.errors import ConfigError
+from skufleet.schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,7 @@ class AuthenticatedFlower(Flower):
 def celery_app(settings: Settings) -> Celery:
     """The Celery app Flower watches the fleet through: the broker, JSON events only."""
     app = Celery("skufleet-flower", broker=settings.redis_url, set_as_current=False)
-    app.conf.update(
-        accept_content=["json"],
-        event_serializer="json",
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-    )
+    app.conf.update(celery_settings(settings))  # nothing of its own to add
     return app
 
 

@@ -17,17 +17,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.engine import Engine
 
-from producer.bucket import Bucket
-from producer.enqueue import publish_pending
-from producer.publish import Publisher
-from producer.seed import SEED_SPACE
-from schemas import ledger
-from schemas.errors import ConfigError
-from schemas.names import render_queue
-from schemas.output import OutputSpec
-from schemas.params import GenerationParams, default_params
-from schemas.settings import Settings
-from schemas.tables import ItemStatus
+from skufleet.producer.bucket import Bucket
+from skufleet.producer.enqueue import publish_pending
+from skufleet.producer.progress import wait_for_run
+from skufleet.producer.publish import Publisher
+from skufleet.producer.seed import SEED_SPACE
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import ConfigError
+from skufleet.schemas.names import render_queue
+from skufleet.schemas.params import layer
+from skufleet.schemas.settings import Settings
+from skufleet.schemas.tables import ItemStatus
 
 MAX_IMAGES = 64
 
@@ -54,7 +54,7 @@ def generate(
         raise ConfigError("the prompt is empty")
     if not 0 <= seed <= SEED_SPACE - count:
         raise ConfigError(f"--seed must be 0-{SEED_SPACE - count}, got {seed}")
-    params = GenerationParams(**{**default_params(model).model_dump(), **overrides})
+    layered = layer(model, flags=overrides)
     run = f"generate-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     rows = [
         {
@@ -63,13 +63,13 @@ def generate(
             "prompt": prompt.strip(),
             "negative_prompt": negative.strip(),
             "seed": seed + i,
-            "output": OutputSpec().to_json(),
-            **params.model_dump(),
+            "output": layered.spec().to_json(),
+            **layered.params.model_dump(),
         }
         for i in range(count)
     ]
     # 1. the items, then their messages
-    with engine.begin() as conn:
+    with ledger.begin(engine) as conn:
         run_id = ledger.upsert_run(conn, run, model, seed, "generate", overrides)
         staging = ledger.ItemStaging(conn, run_id)
         staging.add(rows)
@@ -79,7 +79,6 @@ def generate(
         publish_pending(engine, publisher, run_id, model, queue, batch_size=count)
 
     # 2. wait for the fleet, showing progress from the ledger
-    started = time.monotonic()
     with Progress(
         TextColumn(f"run {run}"),
         BarColumn(),
@@ -88,24 +87,22 @@ def generate(
         console=console,
     ) as progress:
         task = progress.add_task(run, total=count)
-        while True:
-            with engine.connect() as conn:
-                counts = ledger.run_status(conn, run).counts
-            done = counts[ItemStatus.SUCCEEDED] + counts[ItemStatus.FAILED]
-            progress.update(task, completed=done)
-            if done == count:
-                break
-            if time.monotonic() - started > timeout:
-                raise ConfigError(
-                    f"no result after {timeout:.0f}s: are workers for model {model!r} running? "
-                    f"(they consume {queue}); the run {run} stays queued"
-                )
-            time.sleep(0.5)
+        counts = wait_for_run(
+            engine,
+            run,
+            count,
+            deadline=time.monotonic() + timeout,
+            late=(
+                f"no result after {timeout:.0f}s: are workers for model {model!r} running? "
+                f"(they consume {queue}); the run {run} stays queued"
+            ),
+            on_progress=lambda done: progress.update(task, completed=done),
+        )
 
     # 3. the images, out of the bucket
     bucket = Bucket(settings)
     paths = []
-    with engine.connect() as conn:
+    with ledger.connect(engine) as conn:
         records = list(ledger.manifest(conn, run))
     for record in records:
         path = out_dir / f"{run}-{record['sku']}.{record['key'].rsplit('.', 1)[-1]}"
@@ -115,4 +112,6 @@ def generate(
         console.print(
             f"{counts[ItemStatus.FAILED]} of {count} images failed; see `skufleet status {run}`"
         )
+    if counts[ItemStatus.CANCELLED]:
+        console.print(f"{counts[ItemStatus.CANCELLED]} of {count} images were cancelled")
     return paths

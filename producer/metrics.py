@@ -16,12 +16,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 
-from producer.publish import Publisher
-from schemas import ledger
-from schemas.errors import RetryableError
-from schemas.names import ops_queue, render_queue
-from schemas.settings import Settings
-from schemas.tables import Item, ItemStatus, Run
+from skufleet.producer.publish import Publisher
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import RetryableError
+from skufleet.schemas.names import render_queue
+from skufleet.schemas.settings import Settings
+from skufleet.schemas.tables import Item, ItemStatus, Run
 
 WINDOW = timedelta(seconds=60)
 
@@ -56,7 +56,7 @@ class FleetCollector(Collector):
         )
         since = ledger.utcnow() - WINDOW
         try:
-            with self.engine.connect() as conn:
+            with ledger.connect(self.engine) as conn:
                 models = list(conn.execute(sa.select(Run.model).distinct()).scalars())
                 for run in ledger.list_runs(conn):
                     for status, count in run.status.counts.items():
@@ -79,8 +79,6 @@ class FleetCollector(Collector):
             for model in models:
                 name = render_queue(self.settings.queue_prefix, model)
                 queues.add_metric([name, model], self.publisher.queue_length(name))
-            name = ops_queue(self.settings.queue_prefix)
-            queues.add_metric([name, ""], self.publisher.queue_length(name))
             up.add_metric(["broker"], 1)
         except RetryableError:
             up.add_metric(["broker"], 0)

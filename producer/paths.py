@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from schemas.errors import ConfigError
+from skufleet.schemas.errors import ConfigError
 
 
 def file_kind(mode: int) -> str:

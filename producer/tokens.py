@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from schemas.vocab import BOS, EOS, MAX_TOKENS, clip_vocabulary
+from skufleet.schemas.vocab import BOS, EOS, MAX_TOKENS, clip_vocabulary
 
 CONTENT_TOKENS = MAX_TOKENS - 2
 """Tokens left for the prompt itself once the start and end tokens are counted."""

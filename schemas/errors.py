@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from schemas.redact import redact_text
+from skufleet.schemas.redact import redact_text
 
 EXIT_OK = 0
 EXIT_FAILED = 1

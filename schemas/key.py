@@ -18,7 +18,7 @@ import hashlib
 import re
 import unicodedata
 
-from schemas.errors import ConfigError
+from skufleet.schemas.errors import ConfigError
 
 _VERBATIM = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -10,7 +10,6 @@ import hashlib
 import re
 
 TASK_RENDER = "skufleet.render"
-TASK_RECONCILE = "skufleet.reconcile"
 
 SCHEDULERS = (
     "default",
@@ -49,8 +48,3 @@ def model_slug(model: str) -> str:
 def render_queue(prefix: str, model: str) -> str:
     """The queue that carries render batches for ``model``."""
     return f"{prefix}.render.{model_slug(model)}"
-
-
-def ops_queue(prefix: str) -> str:
-    """The queue of housekeeping tasks (the reconciler), which every worker also consumes."""
-    return f"{prefix}.ops"

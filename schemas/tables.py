@@ -35,12 +35,28 @@ BigId = BigInteger().with_variant(Integer, "sqlite")
 
 
 class ItemStatus(enum.StrEnum):
-    """Where an item stands. Only ``schemas.ledger`` moves an item between these.
+    """Where an item stands. Only ``schemas.ledger`` moves an item between these, and only
+    by the named moves of its table, ``schemas.ledger.transitions.TRANSITIONS``, which this
+    list repeats (``tests/test_transitions.py`` keeps the two in step)::
 
-    ``pending → queued → running → succeeded | failed``; ``running → queued`` on a retryable
-    error or an expired lease; ``failed | cancelled → pending`` only by an explicit retry;
-    ``pending | queued → cancelled`` by cancelling the run; ``succeeded | failed | cancelled →
-    pending`` when an enqueue brings a changed prompt or parameters for the item.
+        queue          pending → queued                            enqueue, retry
+        unqueue        queued → pending                            its message not published
+        claim          queued → running                            a worker won it
+        renew          running → running                           its worker, lease extended
+        finish         running → succeeded                         its image stored
+        retry_error    running → queued                            a retryable error
+        fail           running → failed                            a permanent error, the cap
+        flag           running → failed                            the safety checker
+        release        running → queued                            its device failed
+        expire         running → queued | failed                   its lease ran out
+        republish      queued → queued                             its message presumed lost
+        cancel         pending | queued → cancelled                skufleet cancel
+        retry_run      failed | cancelled → pending                skufleet retry
+        change         pending | succeeded | failed | cancelled → pending   changed content
+        change_queued  queued → queued                             the same, message waiting
+
+    A new item is pending. Succeeded, failed and cancelled are left only by an explicit
+    command: ``skufleet retry``, or an enqueue that changes the item.
     """
 
     PENDING = "pending"

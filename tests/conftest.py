@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,10 +23,10 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from producer.db import upgrade
-from producer.services import LocalS3
-from schemas import ledger
-from schemas.settings import Settings
+from skufleet.producer.db import upgrade
+from skufleet.producer.services import LocalS3, spawn_group, stop_group
+from skufleet.schemas import ledger
+from skufleet.schemas.settings import Settings
 
 REDIS_URL = os.environ.get("SKUFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -36,6 +35,23 @@ POSTGRES_ADMIN_URL = os.environ.get(
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+
+SERVICE_FIXTURES = frozenset(
+    {"redis_url", "postgres_url", "database_url", "engine", "s3", "fleet", "fleet_args"}
+)
+"""A test that uses any of these needs a running service; the others run in `make check`."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a service (by the fixtures it uses) ``services``, so the
+    fast tier (`make check`) is ``-m "not services"`` and cannot miss one."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SERVICE_FIXTURES or any(
+            item.get_closest_marker(name) for name in ("integration", "faults")
+        ):
+            item.add_marker(pytest.mark.services)
 
 
 @pytest.fixture(scope="session")
@@ -68,9 +84,23 @@ def postgres_url() -> Iterator[str]:
 postgres_only = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that asks for ``database_url`` runs against PostgreSQL and SQLite, unless it
+    (or its module) is marked ``postgresql_only`` or parametrizes the backend itself."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        if "database_url" in str(mark.args[0]):
+            return
+    one = metafunc.definition.get_closest_marker("postgresql_only") is not None
+    metafunc.parametrize(
+        "database_url", ["postgresql"] if one else ["postgresql", "sqlite"], indirect=True
+    )
+
+
+@pytest.fixture
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test that asks for it runs against PostgreSQL and against SQLite."""
+    """The ledger's URL for one backend (see pytest_generate_tests)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     return str(request.getfixturevalue("postgres_url"))
@@ -95,7 +125,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache directory holding the tiny pipeline, built once for the session."""
-    from worker import tiny
+    from skufleet.worker import tiny
 
     cache = tmp_path_factory.mktemp("models")
     tiny.ensure(cache)
@@ -139,20 +169,14 @@ class Fleet:
         self, *command: str, env: dict[str, str] | None = None, grace: float = 20
     ) -> Iterator[subprocess.Popen[bytes]]:
         """A long-running process (a server, a listening worker) in its own process group,
-        stopped with SIGTERM when the block ends."""
-        process = subprocess.Popen(
-            command,
-            env=env or self.env,
-            cwd=self.tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        stopped with SIGTERM when the block ends; one that takes longer than ``grace``
+        seconds to stop is killed, and fails the test."""
+        process = spawn_group(command, log=None, env=env or self.env, cwd=self.tmp_path)
         try:
             yield process
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(grace)
+            stopped = stop_group(process, grace)
+        assert stopped, f"{command[0]} did not stop within {grace}s of SIGTERM"
 
     def cli_json(self, *args: str) -> dict[str, Any]:
         result = self.cli(*args)

@@ -11,18 +11,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import sqlalchemy as sa
 
-from producer.db import upgrade
-from producer.services import LocalS3
-from schemas import ledger
-from schemas.params import RenderPayload
-from schemas.settings import Settings
-from schemas.tables import ItemStatus
+from skufleet.producer.db import upgrade
+from skufleet.producer.services import LocalS3
+from skufleet.schemas import ledger
+from skufleet.schemas.params import RenderPayload
+from skufleet.schemas.settings import Settings
+from skufleet.schemas.tables import ItemStatus
+from skufleet.worker.breaker import Breaker
+from skufleet.worker.storage import Storage
 from tests.faults.outage import Outage
 from tests.fixtures.pipelines import StandInPipeline
 from tests.test_render import items, queued_run, renderer
 from tests.test_render import settings as settings
-from worker.breaker import Breaker
-from worker.storage import Storage
+
+# the renderer's behaviour does not depend on the database: it runs on the production one
+pytestmark = pytest.mark.postgresql_only
 
 
 def until(check: Callable[[], bool], timeout: float = 20) -> None:
@@ -75,7 +78,7 @@ def test_drawn_images_wait_out_a_storage_outage_and_are_stored_once(
     run_id, ids = queued_run(engine, 3)
     storage_outage.down()
     worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
-    until(lambda: worker.storage_breaker.is_open)
+    until(lambda: worker.services.storage_breaker.is_open)
     time.sleep(1)
     assert {i.status for i in items(engine)} == {ItemStatus.RUNNING}
     storage_outage.up()
@@ -96,7 +99,7 @@ def test_a_worker_stopped_during_a_storage_outage_hands_its_items_back(
     run_id, ids = queued_run(engine, 2)
     storage_outage.down()
     worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
-    until(lambda: worker.storage_breaker.is_open)
+    until(lambda: worker.services.storage_breaker.is_open)
     worker.close()
     found = items(engine)
     assert {i.status for i in found} == {ItemStatus.QUEUED}
@@ -151,11 +154,10 @@ def test_an_upload_the_bucket_refuses_is_the_items_error(
     assert {i.status for i in found} == {ItemStatus.QUEUED}
     assert all("StorageRefused" in (i.last_error or "") for i in found)
     assert all(i.attempts - i.attempts_before_retry == 1 for i in found)
-    assert not worker.storage_breaker.trips
+    assert not worker.services.storage_breaker.trips
     assert sorted(p.item_ids[0] for p, _ in requeued) == sorted(ids)
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_ledger_outage_while_storing_pauses_and_records_the_image_once(
     database_url: str, settings: Settings
 ) -> None:
@@ -178,7 +180,7 @@ def test_a_ledger_outage_while_storing_pauses_and_records_the_image_once(
         until(lambda: {i.status for i in items(direct)} == {ItemStatus.RUNNING})
         database.down()
         drawing.join(10)
-        until(lambda: worker.ledger_breaker.is_open)
+        until(lambda: worker.services.ledger_breaker.is_open)
         time.sleep(1)
         database.up()
         until(lambda: {i.status for i in items(direct)} == {ItemStatus.SUCCEEDED})

@@ -14,8 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.catalogue import MAX_FIELD_CHARS, MAX_LINE_BYTES, Catalogue, Record, Reject, Tally
-from schemas.errors import CatalogueError
+from skufleet.producer.catalogue import (
+    MAX_FIELD_CHARS,
+    Catalogue,
+    Record,
+    Reject,
+    Tally,
+)
+from skufleet.producer.lines import MAX_LINE_BYTES
+from skufleet.schemas.errors import CatalogueError
 
 
 def read(path: Path, **kwargs: object) -> tuple[list[Record | Reject], Tally]:

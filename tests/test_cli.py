@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from producer.db import upgrade
-from producer.services import free_port
-from schemas import ledger
-from schemas.errors import (
+from skufleet.producer.db import upgrade
+from skufleet.producer.services import free_port
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import (
     BrokerUnavailable,
     CatalogueError,
     ConfigError,
@@ -26,7 +26,7 @@ from schemas.errors import (
     StorageUnavailable,
     exit_code,
 )
-from schemas.tables import Item, ItemStatus
+from skufleet.schemas.tables import Item, ItemStatus
 from tests.conftest import BIN, EXAMPLES, Fleet, postgres_only
 
 

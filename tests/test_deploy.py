@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from schemas.names import render_queue
-from schemas.settings import DEFAULT_MODEL, Settings
+from skufleet.schemas.names import render_queue
+from skufleet.schemas.settings import DEFAULT_MODEL, Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -151,6 +151,12 @@ def command_line(entry: dict[str, Any]) -> str:
         if value is not None:
             parts.append(value if isinstance(value, str) else " ".join(map(str, value)))
     return " ".join(parts)
+
+
+def program(command: str) -> str:
+    """``command`` with its program named without a path: ``skufleet reconcile --watch``."""
+    program, _, rest = command.strip().partition(" ")
+    return f"{program.rsplit('/', 1)[-1]} {rest}".strip()
 
 
 class _Repeated(dict[str, Any]):
@@ -487,7 +493,11 @@ def test_systemd_worker_unit_pins_one_gpu_and_restarts_on_failure() -> None:
 def test_every_systemd_unit_runs_sandboxed_as_the_skufleet_user() -> None:
     """No unit runs as root; each gets a read-only system and a private /tmp."""
     paths = sorted(SYSTEMD.glob("*.service"))
-    assert len(paths) == 3
+    assert {path.name for path in paths} == {
+        "skufleet-worker@.service",
+        "skufleet-reconciler.service",
+        "skufleet-flower.service",
+    }
     for path in paths:
         text = path.read_text()
         assert not re.search(r"\\\n", text), f"{path.name}: continuation lines"
@@ -497,6 +507,63 @@ def test_every_systemd_unit_runs_sandboxed_as_the_skufleet_user() -> None:
         assert service["ProtectSystem"] == "strict", path.name
         assert service["PrivateTmp"] == "yes", path.name
         assert service["Restart"] == "on-failure", path.name
+
+
+def topology_commands() -> dict[str, list[str]]:
+    """Every command each topology starts (one-shot jobs included), once per process."""
+    commands: dict[str, list[str]] = {"compose": [], "kubernetes": [], "systemd": []}
+    for service in compose()["services"].values():
+        commands["compose"].append(program(command_line(service)))
+    for obj in kubernetes_objects():
+        if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            # a Deployment without replicas (KEDA's workers) runs any number of pods: count 2
+            count = obj["spec"].get("replicas", 2)
+            for container in containers(obj["spec"]["template"]["spec"]):
+                commands["kubernetes"] += [program(command_line(container))] * count
+    for path in SYSTEMD.glob("*.service"):
+        unit = read_unit(path)
+        # a template unit (name@.service) runs once per instance enabled: count 2
+        count = 2 if path.name.endswith("@.service") else 1
+        for key in ("ExecStartPre", "ExecStart"):
+            commands["systemd"] += [program(line) for line in unit_values(unit, key)] * count
+    return commands
+
+
+def test_every_topology_runs_exactly_one_reconciler_and_no_beat() -> None:
+    """One `skufleet reconcile --watch` per fleet in compose, kubernetes and systemd alike;
+    Celery beat and its reconcile task are gone, and no deploy file mentions beat."""
+    for topology, commands in topology_commands().items():
+        assert commands.count("skufleet reconcile --watch") == 1, (topology, commands)
+        assert not [c for c in commands if re.match(r"skufleet beat\b", c)], topology
+    mentions = {
+        f"{path.relative_to(DEPLOY)}: {line.strip()}"
+        for path in deploy_files()
+        for line in path.read_text().splitlines()
+        if re.search(r"(?i)\bbeat\b", line)
+    }
+    assert not mentions, sorted(mentions)
+
+
+def test_the_reconciler_needs_no_gpu_and_no_state_and_migrates_first_on_systemd() -> None:
+    """The reconciler reaches Redis, the ledger and the bucket; no GPU, no state directory."""
+    service = compose()["services"]["reconciler"]
+    assert program(command_line(service)) == "skufleet reconcile --watch"
+    assert "deploy" not in service and not service.get("volumes")
+    assert environment(service) == compose()["x-skufleet-env"]
+    reconciler = kubernetes_object("Deployment", "skufleet-reconciler")
+    assert reconciler["spec"]["replicas"] == 1
+    spec = reconciler["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert program(command_line(container)) == "skufleet reconcile --watch"
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert {volume["name"] for volume in spec.get("volumes", [])} <= {"tmp"}
+    assert {"configMapRef", "secretRef"} <= {key for ref in container["envFrom"] for key in ref}
+    unit = read_unit(SYSTEMD / "skufleet-reconciler.service")
+    assert [program(line) for line in unit_values(unit, "ExecStartPre")] == ["skufleet db upgrade"]
+    assert unit.get("Service", "EnvironmentFile") == "/etc/skufleet/env"
+    assert "SKUFLEET_CACHE_DIR" not in unit_environment(unit)
+    assert not {"StateDirectory", "CacheDirectory", "ReadWritePaths"} & set(unit["Service"])
+    assert unit.get("Service", "PrivateDevices") == "yes"  # no GPU to reach
 
 
 def test_the_image_runs_as_an_unprivileged_user_with_a_model_volume() -> None:

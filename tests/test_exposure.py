@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from producer import demo
-from producer.flower import MIN_PASSWORD, authorized, parse_basic_auth
-from producer.services import free_port, wait_until
-from schemas.errors import ConfigError
+from skufleet.producer import demo
+from skufleet.producer.flower import MIN_PASSWORD, authorized, parse_basic_auth
+from skufleet.producer.services import free_port, wait_until
+from skufleet.schemas.errors import ConfigError
+from skufleet.worker import metrics
 from tests.conftest import BIN, Fleet, postgres_only
-from worker import metrics
 
 # --- Flower's login ------------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from producer.cli import app
-from producer.db import upgrade
-from schemas import ledger
+from skufleet.producer.cli import app
+from skufleet.producer.db import upgrade
+from skufleet.schemas import ledger
 
 CATALOGUE = b"sku,title\nA,Blue mug\nB,Red rug\n"
 

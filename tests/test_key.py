@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.errors import ConfigError
-from schemas.key import check_run_name, is_verbatim, object_key, safe_segment
+from skufleet.schemas.errors import ConfigError
+from skufleet.schemas.key import check_run_name, is_verbatim, object_key, safe_segment
 
 
 def test_a_safe_sku_is_kept_as_it_is() -> None:

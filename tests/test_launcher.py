@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from producer.services import free_port
-from schemas.errors import DeviceError
+from skufleet.producer.services import free_port
+from skufleet.schemas.errors import DeviceError
+from skufleet.worker.launcher import DeviceSlot, child_command, parse_devices
+from skufleet.worker.tasks import EXIT_DEVICE_FAILED
 from tests.conftest import BIN, Fleet, postgres_only
-from worker.launcher import DeviceSlot, child_command, parse_devices
-from worker.tasks import EXIT_DEVICE_FAILED
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def test_child_command_carries_model_device_and_burst() -> None:
     command = child_command(DeviceSlot("gpu1", "1", "cuda"), "tiny", True, "INFO")
     assert command[1:] == [
         "-m",
-        "worker.process",
+        "skufleet.worker.process",
         "--model",
         "tiny",
         "--device",
@@ -65,7 +65,7 @@ def test_child_command_carries_model_device_and_burst() -> None:
 
 SUPERVISOR = """
 import subprocess, sys
-from worker.launcher import supervise
+from skufleet.worker.launcher import supervise
 children = {name: subprocess.Popen([sys.executable, "-c", code])
             for name, code in (("a", sys.argv[1]), ("b", sys.argv[2]))}
 print("started", flush=True)

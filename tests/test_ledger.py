@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from schemas import ledger
-from schemas.errors import ConfigError, SchemaMissingError
-from schemas.key import object_key
-from schemas.output import OutputSpec
-from schemas.params import GenerationParams
-from schemas.tables import Item, ItemStatus
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import ConfigError, SchemaMissingError
+from skufleet.schemas.key import object_key
+from skufleet.schemas.output import OutputSpec
+from skufleet.schemas.params import GenerationParams
+from skufleet.schemas.tables import Item, ItemStatus
 
 
 def item(sku: str, prompt: str = "p", params: GenerationParams | None = None) -> dict[str, Any]:
@@ -29,30 +29,33 @@ def item(sku: str, prompt: str = "p", params: GenerationParams | None = None) ->
     }
 
 
-def merge(engine: sa.Engine, rows: list[dict[str, Any]], name: str = "r1") -> tuple[int, ...]:
-    """Stage ``rows`` and merge them into run ``name``: (run id, new, changed, in flight)."""
-    with engine.begin() as conn:
-        run_id = ledger.upsert_run(conn, name, "tiny", 1, "ecommerce", {})
+def merge(engine: sa.Engine, rows: list[dict[str, Any]], run_name: str = "r1") -> tuple[int, ...]:
+    """Stage ``rows`` and merge them into run ``run_name``: (run id, new, changed, in flight)."""
+    with ledger.begin(engine) as conn:
+        run_id = ledger.upsert_run(conn, run_name, "tiny", 1, "ecommerce", {})
         staging = ledger.ItemStaging(conn, run_id)
         staging.add(rows)
         return (run_id, *staging.merge())
 
 
-def add_run(engine: sa.Engine, n: int = 4, name: str = "r1") -> list[int]:
+def add_run(engine: sa.Engine, n: int = 4, run_name: str = "r1") -> list[int]:
     """A run with ``n`` items, all marked queued; returns their ids."""
-    run_id, new, _, _ = merge(engine, [item(f"SKU-{i}", f"prompt {i}") for i in range(n)], name)
+    rows = [item(f"SKU-{i}", f"prompt {i}") for i in range(n)]
+    run_id, new, _, _ = merge(engine, rows, run_name)
     assert new == n
     ids = [i for chunk in ledger.queue_pending(engine, run_id, 100) for b in chunk for i in b]
     assert len(ids) == n and list(ledger.queue_pending(engine, run_id, 100)) == []
     return ids
 
 
-def claim(engine: sa.Engine, ids: list[int], worker: str, run: str = "r1") -> list[ledger.Claim]:
-    """Claim ``ids`` for run ``run`` as a worker of model tiny; the message must match."""
-    with engine.connect() as conn:
-        run_id = ledger.run_id(conn, run)
+def claim(
+    engine: sa.Engine, ids: list[int], worker: str, run_name: str = "r1"
+) -> list[ledger.Claim]:
+    """Claim ``ids`` for run ``run_name`` as a worker of model tiny; the message must match."""
+    with ledger.connect(engine) as conn:
+        run_id = ledger.find_run_id(conn, run_name)
     result = ledger.claim(engine, run_id, "tiny", ids, worker, "cpu", 60)
-    assert result.refused is None and result.run_name == run
+    assert result.refused is None and result.run_name == run_name
     return result.claims
 
 
@@ -163,7 +166,7 @@ def test_a_claim_takes_nothing_from_a_message_that_does_not_match_the_ledger(
     with the reason, and every item named stays queued."""
     mine, theirs = add_run(engine, 2, "r1"), add_run(engine, 1, "r2")
     with engine.begin() as conn:
-        r1, r2 = ledger.run_id(conn, "r1"), ledger.run_id(conn, "r2")
+        r1, r2 = ledger.find_run_id(conn, "r1"), ledger.find_run_id(conn, "r2")
     foreign = ledger.claim(engine, r1, "tiny", [mine[0], theirs[0]], "w", "cpu", 60)
     assert foreign == ledger.ClaimResult(
         "r1", "1 of the message's items are not items of run r1", []
@@ -205,16 +208,16 @@ def test_cancel_stops_open_items_and_retry_brings_back_failed_and_cancelled(
     ledger.fail(engine, failing, "bad", retry=False, max_attempts=3)
     running = claim(engine, ids[1:2], "w")[0]
     with engine.begin() as conn:
-        run = ledger.run_id(conn, "r1")
-        assert ledger.cancel_run(conn, run) == 2
+        run_id = ledger.find_run_id(conn, "r1")
+        assert ledger.cancel_run(conn, run_id) == 2
     assert claim(engine, ids, "w") == []  # cancelled items are skipped
     assert ledger.finish(engine, running, 1, "0" * 64, 0.1)
     with engine.begin() as conn:
-        assert ledger.retry_run(conn, run, failed_only=True) == 1
-        assert ledger.retry_run(conn, run, failed_only=False) == 2
+        assert ledger.retry_run(conn, run_id, failed_only=True) == 1
+        assert ledger.retry_run(conn, run_id, failed_only=False) == 2
         counts = ledger.run_status(conn, "r1").counts
     assert (counts["pending"], counts["succeeded"], counts["cancelled"]) == (3, 1, 0)
-    list(ledger.queue_pending(engine, run, 10))
+    list(ledger.queue_pending(engine, run_id, 10))
     again = claim(engine, ids[:1], "w")[0]
     assert (again.attempt, again.attempts_before_retry) == (2, 1)
     assert again.may_retry(max_attempts=2) and not again.may_retry(max_attempts=1)

@@ -8,9 +8,9 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from migrations import DIRECTORY
-from schemas import ledger
-from schemas.tables import SCHEMA_REVISION, Base
+from skufleet.migrations import DIRECTORY
+from skufleet.schemas import ledger
+from skufleet.schemas.tables import SCHEMA_REVISION, Base
 
 
 def test_the_code_expects_the_newest_migration() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from schemas.names import model_slug, render_queue
+from skufleet.schemas.names import model_slug, render_queue
 
 
 def test_queue_names_carry_prefix_and_model() -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from producer.publish import Publisher
-from producer.reconcile import reconcile
-from producer.services import LocalRedis, free_port
-from schemas.errors import BrokerUnavailable, LedgerUnavailable
-from schemas.params import RenderPayload
-from schemas.settings import Settings
+from skufleet.producer.publish import Publisher
+from skufleet.producer.reconcile import reconcile
+from skufleet.producer.services import LocalRedis, free_port
+from skufleet.schemas.errors import BrokerUnavailable, LedgerUnavailable
+from skufleet.schemas.params import RenderPayload
+from skufleet.schemas.settings import Settings
 
 QUEUE = "skufleet.render.tiny"
 PAYLOAD = RenderPayload(run_id=1, model="tiny", item_ids=[1])

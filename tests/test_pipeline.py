@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from schemas.errors import ConfigError, DeviceError, ModelLoadError
-from schemas.names import SCHEDULERS
-from schemas.params import GenerationParams
-from worker.pipeline import Job, Pipeline, PipelineOptions
+from skufleet.schemas.errors import ConfigError, DeviceError, ModelLoadError
+from skufleet.schemas.names import SCHEDULERS
+from skufleet.schemas.params import GenerationParams
+from skufleet.worker.pipeline import Job, Pipeline, PipelineOptions
 
 PARAMS = GenerationParams(width=64, height=48, steps=4)
 

@@ -19,21 +19,21 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from producer.db import upgrade
-from producer.enqueue import EnqueueRequest, EnqueueSummary, enqueue
-from producer.publish import Publisher
-from producer.services import LocalS3
-from schemas import key, ledger
-from schemas.output import OutputSpec
-from schemas.params import GenerationParams, RenderPayload
-from schemas.settings import Settings
-from schemas.tables import Item, ItemStatus, Run
+from skufleet.producer.db import upgrade
+from skufleet.producer.enqueue import EnqueueRequest, EnqueueSummary, enqueue
+from skufleet.producer.publish import Publisher
+from skufleet.producer.services import LocalS3
+from skufleet.schemas import key, ledger
+from skufleet.schemas.output import OutputSpec
+from skufleet.schemas.params import GenerationParams, RenderPayload
+from skufleet.schemas.settings import Settings
+from skufleet.schemas.tables import Item, ItemStatus, Run
+from skufleet.worker.render import Renderer
+from skufleet.worker.storage import Storage
 from tests.fixtures.pipelines import StandInPipeline
-from worker.render import Renderer
-from worker.storage import Storage
 
 HEADER = "sku,title,category,description,brand,color\n"
-MIGRATION = importlib.import_module("migrations.versions.0005_object_keys_and_events")
+MIGRATION = importlib.import_module("skufleet.migrations.versions.0005_object_keys_and_events")
 
 
 def catalogue(tmp_path: Path, skus: list[str], name: str = "catalogue.csv") -> Path:
@@ -253,7 +253,7 @@ def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "worker.render" and r.levelno >= logging.WARNING
+        if r.name == "skufleet.worker.render" and r.levelno >= logging.WARNING
     ]
 
 
@@ -267,7 +267,7 @@ def test_a_message_naming_another_runs_item_renders_nothing(
     prefix (or anywhere), B's item stays queued, and one warning names run, model, reason."""
     run_a, items_a = queued_run(engine, "run-a")
     _, items_b = queued_run(engine, "run-b")
-    caplog.set_level(logging.INFO, logger="worker.render")
+    caplog.set_level(logging.INFO, logger="skufleet.worker.render")
     for ids in ([items_b[0]], [items_a[0], items_b[0]]):
         outcome = worker.handle(RenderPayload(run_id=run_a, model="tiny", item_ids=ids))
         assert (outcome.claimed, outcome.drawn) == (0, 0)
@@ -290,7 +290,7 @@ def test_a_message_for_a_run_of_another_model_renders_nothing(
     """A message saying model "tiny" for a run of "other/model" reaches a tiny worker: the
     worker goes by the run's model in the ledger and draws nothing."""
     run_c, items_c = queued_run(engine, "run-c", model="other/model")
-    caplog.set_level(logging.INFO, logger="worker.render")
+    caplog.set_level(logging.INFO, logger="skufleet.worker.render")
     outcome = worker.handle(RenderPayload(run_id=run_c, model="tiny", item_ids=items_c))
     worker.close()
     assert (outcome.claimed, pipeline.batches, objects(worker)) == (0, [], [])
@@ -309,7 +309,7 @@ def test_a_message_naming_a_run_that_does_not_exist_renders_nothing(
 ) -> None:
     """An unknown run id, with ids of real items: nothing is claimed or drawn."""
     run_a, items_a = queued_run(engine, "run-a")
-    caplog.set_level(logging.INFO, logger="worker.render")
+    caplog.set_level(logging.INFO, logger="skufleet.worker.render")
     outcome = worker.handle(RenderPayload(run_id=run_a + 1000, model="tiny", item_ids=items_a))
     worker.close()
     assert (outcome.claimed, pipeline.batches, objects(worker)) == (0, [], [])
@@ -326,7 +326,7 @@ def test_a_matching_message_renders_into_its_runs_prefix_at_the_stored_keys(
     """The message of run B renders B's items, each at the key the ledger holds for it."""
     queued_run(engine, "run-a")
     run_b, items_b = queued_run(engine, "run-b")
-    caplog.set_level(logging.INFO, logger="worker.render")
+    caplog.set_level(logging.INFO, logger="skufleet.worker.render")
     outcome = worker.handle(RenderPayload(run_id=run_b, model="tiny", item_ids=items_b))
     worker.close()
     assert outcome.claimed == outcome.drawn == 2 and refusals(caplog) == []
@@ -336,9 +336,7 @@ def test_a_matching_message_renders_into_its_runs_prefix_at_the_stored_keys(
     assert [row.object_key for row in done] == [
         key.object_key("run-b", row.sku, row.shot) for row in done
     ]
-    assert objects(worker, "run-b/") == sorted(
-        [*(str(row.object_key) for row in done), "run-b/manifest.jsonl"]
-    )
+    assert objects(worker, "run-b/") == sorted(str(row.object_key) for row in done)
     assert objects(worker, "run-a/") == []
 
 
@@ -360,7 +358,7 @@ def test_an_item_whose_key_does_not_fit_its_format_fails_and_uploads_nothing(
     assert rows[ids[0]].status is ItemStatus.FAILED
     assert "does not end in .webp" in (rows[ids[0]].last_error or "")
     assert rows[ids[1]].status is ItemStatus.SUCCEEDED
-    assert objects(worker, "run-w/") == [rows[ids[1]].object_key, "run-w/manifest.jsonl"]
+    assert objects(worker, "run-w/") == [rows[ids[1]].object_key]
 
 
 # --- the migration that brings keys to existing ledgers ----------------------------------

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from schemas.output import OutputSpec
-from worker.postprocess import TRUNCATED, annotate, process, read_metadata, thumbnail
+from skufleet.schemas.output import OutputSpec
+from skufleet.worker.postprocess import TRUNCATED, annotate, process, read_metadata, thumbnail
 
 META = {
     "prompt": "a café table, ünïcode ✓",

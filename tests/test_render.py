@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import secrets
 import threading
 import time
@@ -12,20 +11,31 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from PIL import Image
+from prometheus_client import REGISTRY
 from sqlalchemy.orm import Session
 
-from producer.services import LocalS3
-from schemas import ledger
-from schemas.errors import DeviceError, ItemError
-from schemas.output import OutputSpec
-from schemas.params import GenerationParams, RenderPayload
-from schemas.settings import Settings
-from schemas.tables import Item, ItemStatus
-from tests.fixtures.pipelines import FLAG, FlaggingPipeline, OutOfMemoryPipeline, StandInPipeline
-from worker.handoff import Handoff
-from worker.postprocess import read_metadata
-from worker.render import Renderer
-from worker.storage import Storage
+from skufleet.producer.services import LocalS3
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import DeviceError, ItemError
+from skufleet.schemas.output import OutputSpec
+from skufleet.schemas.params import GenerationParams, RenderPayload
+from skufleet.schemas.settings import Settings
+from skufleet.schemas.tables import Item, ItemStatus
+from skufleet.worker.handoff import Handoff
+from skufleet.worker.postprocess import read_metadata
+from skufleet.worker.render import Renderer
+from skufleet.worker.storage import Storage
+from tests.fixtures.pipelines import (
+    FLAG,
+    POISON,
+    FlaggingPipeline,
+    OutOfMemoryPipeline,
+    PoisonPipeline,
+    StandInPipeline,
+)
+
+# the renderer's behaviour does not depend on the database: it runs on the production one
+pytestmark = pytest.mark.postgresql_only
 
 
 @pytest.fixture
@@ -110,13 +120,8 @@ def test_a_message_is_rendered_once_and_a_duplicate_is_skipped(
     assert {i.status for i in found} == {ItemStatus.SUCCEEDED}
     assert all(i.worker == "w@test" and i.device == "stand-in" for i in found)
     listed = worker.storage.client.list_objects_v2(Bucket=settings.s3_bucket)["Contents"]
-    images = sorted(o["Key"] for o in listed if not o["Key"].endswith("/manifest.jsonl"))
-    assert images == sorted(i.object_key for i in found)
-    # the batch finished the run: its manifest went to the bucket, one line per item
-    manifest = worker.storage.client.get_object(
-        Bucket=settings.s3_bucket, Key="render/manifest.jsonl"
-    )["Body"].read()
-    assert sorted(json.loads(line)["key"] for line in manifest.decode().splitlines()) == images
+    # only the images: completing the run (its manifest) is the reconciler's, not the worker's
+    assert sorted(o["Key"] for o in listed) == sorted(i.object_key for i in found)
     assert all(i.object_key.startswith("render/SKU-") for i in found)  # "/" never reaches a key
 
 
@@ -206,6 +211,22 @@ def test_a_device_that_cannot_draw_one_image_hands_its_items_back(
     assert [(sorted(p.item_ids), delay) for p, delay in requeued] == [(sorted(ids), 0.0)]
 
 
+def test_a_batch_that_fails_to_draw_is_counted_and_retried_one_item_per_message(
+    engine: sa.Engine, settings: Settings
+) -> None:
+    """A model error fails the batch's attempt: skufleet_worker_failed_batches_total counts
+    it, and each item goes back to the queue in a message of its own."""
+    worker, requeued = renderer(settings, engine, PoisonPipeline("tiny"))
+    run_id, ids = queued_run(engine, 3, prompt=f"{POISON} {{i}}")
+    failed_batches = "skufleet_worker_failed_batches_total"
+    before = REGISTRY.get_sample_value(failed_batches) or 0.0
+    outcome = worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
+    assert (outcome.claimed, outcome.drawn, outcome.fatal) == (3, 0, None)
+    assert REGISTRY.get_sample_value(failed_batches) == before + 1
+    assert {i.status for i in items(engine)} == {ItemStatus.QUEUED}
+    assert sorted(p.item_ids for p, _ in requeued) == [[i] for i in sorted(ids)]
+
+
 def test_a_flagged_image_is_recorded_and_never_uploaded(
     engine: sa.Engine, settings: Settings
 ) -> None:
@@ -218,7 +239,7 @@ def test_a_flagged_image_is_recorded_and_never_uploaded(
     assert all(i.status is ItemStatus.FAILED and i.flagged and i.sha256 is None for i in found)
     assert "safety checker" in (found[0].last_error or "") and not requeued
     listed = worker.storage.client.list_objects_v2(Bucket=settings.s3_bucket)
-    assert [o["Key"] for o in listed.get("Contents", [])] == ["render/manifest.jsonl"]
+    assert listed.get("Contents", []) == []
 
 
 def test_a_message_for_another_model_is_refused(engine: sa.Engine, settings: Settings) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from producer.seed import SEED_SPACE, derive_seed
+from skufleet.producer.seed import SEED_SPACE, derive_seed
 
 
 def test_the_same_inputs_give_the_same_seed() -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas.errors import ConfigError
-from schemas.redact import redact_text, redact_url
-from schemas.settings import Settings, load_settings
+from skufleet.schemas.errors import ConfigError
+from skufleet.schemas.redact import redact_text, redact_url
+from skufleet.schemas.settings import Settings, load_settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -13,19 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from producer import template as template_module
-from producer.catalogue import Catalogue, Record
-from producer.enqueue import aspect_size
-from producer.template import (
-    MAX_PACK_BYTES,
+from skufleet.producer import sandbox as template_module
+from skufleet.producer.catalogue import Catalogue, Record
+from skufleet.producer.sandbox import (
     MAX_PROMPT_CHARS,
     MAX_RANGE,
     MAX_TEMPLATE_STEPS,
     MAX_VALUE_CHARS,
-    TemplatePack,
 )
-from producer.tokens import count_tokens
-from schemas.errors import ConfigError, ItemError
+from skufleet.producer.template import MAX_PACK_BYTES, TemplatePack
+from skufleet.producer.tokens import count_tokens
+from skufleet.schemas.errors import ConfigError, ItemError
+from skufleet.schemas.params import aspect_size, layer
 from tests.conftest import EXAMPLES
 
 SHIPPED = [
@@ -153,6 +152,33 @@ aspect = "2:3"
     assert tall.params == {"guidance_scale": 5.0, "steps": 40, "aspect": "2:3"}
     assert aspect_size("2:3", 512, 512) == (512, 768)
     assert aspect_size("16:9", 64, 64) == (112, 64)
+
+
+def test_layers_resolve_model_pack_shot_then_flags_and_split_the_output_keys() -> None:
+    """Model defaults < pack < shot < command line; an aspect keeps the model's short side
+    unless the shot or a flag sets the size; output keys go to the spec, not the drawing."""
+    layered = layer(
+        "tiny",
+        pack={"steps": 20, "format": "webp"},
+        shot={"steps": 40, "aspect": "2:3", "labels": "points"},
+        flags={"guidance_scale": 3.0},
+    )
+    assert layered.params.model_dump() == {
+        "width": 64,
+        "height": 96,
+        "steps": 40,
+        "guidance_scale": 3.0,
+        "scheduler": "default",
+    }
+    assert layered.output == {"format": "webp", "labels": "points"}
+    assert layered.spec(("a",)).labels == ("a",) and layered.spec().format == "webp"
+    sized = layer("tiny", shot={"aspect": "2:3"}, flags={"width": 128})
+    assert (sized.params.width, sized.params.height) == (128, 64)
+    context = "pack.toml: shot 'x' gives invalid parameters"
+    with pytest.raises(ConfigError, match=rf"^{context}: (?s:.*)multiple of 8"):
+        layer("tiny", flags={"width": 100}, context=context)
+    with pytest.raises(ConfigError, match="invalid generation parameters: quality"):
+        layer("tiny", flags={"quality": 0})
 
 
 @pytest.mark.parametrize(

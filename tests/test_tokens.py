@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import CLIPTokenizer
 
-from producer.tokens import count_tokens
-from schemas.vocab import clip_vocabulary
-from worker.tiny import write_tokenizer
+from skufleet.producer.tokens import count_tokens
+from skufleet.schemas.vocab import clip_vocabulary
+from skufleet.worker.tiny import write_tokenizer
 
 WORDS = [
     "photo",

@@ -20,15 +20,16 @@ import boto3
 import pytest
 import sqlalchemy as sa
 
-from producer import downstream
-from producer.bucket import Bucket
-from producer.publish import Publisher
-from producer.reconcile import reconcile
-from producer.services import LocalS3, free_port
-from schemas import ledger, outbox
-from schemas.errors import LedgerUnavailable
-from schemas.settings import Settings
-from schemas.tables import Event, Item, ItemStatus, Run
+from skufleet.producer import downstream
+from skufleet.producer.bucket import Bucket
+from skufleet.producer.publish import Publisher
+from skufleet.producer.reconcile import reconcile
+from skufleet.producer.services import LocalS3, free_port
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import LedgerUnavailable
+from skufleet.schemas.ledger import outbox
+from skufleet.schemas.settings import Settings
+from skufleet.schemas.tables import Event, Item, ItemStatus, Run
 
 SECRET = "webhook-secret-" + "x" * 16
 
@@ -185,7 +186,7 @@ def test_without_a_secret_events_go_unsigned_with_one_warning(
     secret is logged once, not once per event."""
     settings = settings_for(redis_url, receiver.url(), secret=None)
     downstream._warn_unsigned.cache_clear()  # another test may have used this port
-    with caplog.at_level(logging.WARNING, logger="producer.downstream"):
+    with caplog.at_level(logging.WARNING, logger="skufleet.producer.downstream"):
         for _ in range(2):
             outbox.record(engine, None, outbox.RUN_COMPLETED, {"run": "r"})
             assert downstream.deliver_due(settings, engine).delivered == 1

@@ -12,8 +12,9 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.worker import state
 
-from schemas.settings import Settings
-from worker.transport import TRANSPORT
+from skufleet.schemas.broker import celery_settings
+from skufleet.schemas.settings import Settings
+from skufleet.worker.transport import TRANSPORT
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,9 @@ def create_app(settings: Settings) -> Celery:
     if settings.redis_url.split("://", 1)[0] in ("redis", "rediss"):
         # a message the worker cannot even decode is set aside, never fatal (worker.transport)
         app.conf.broker_transport = TRANSPORT
+    # JSON only, the visibility timeout, retrying the first connection (schemas.broker)
+    app.conf.update(celery_settings(settings))
     app.conf.update(
-        # JSON only: a pickle message could run arbitrary code on a GPU machine.
-        task_serializer="json",
-        accept_content=["json"],
-        event_serializer="json",
         # The ledger holds every item's state; task results would only fill Redis.
         task_ignore_result=True,
         result_backend=None,
@@ -43,11 +42,8 @@ def create_app(settings: Settings) -> Celery:
         # One message at a time per device: a prefetched batch would wait on this GPU
         # while another GPU of the fleet sits idle.
         worker_prefetch_multiplier=1,
-        # Redis hands an unacked message to another worker after this many seconds; it
-        # must exceed the longest batch or a batch still rendering is rendered twice.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        # A worker outlives broker restarts: keep reconnecting, at start and later.
-        broker_connection_retry_on_startup=True,
+        # A worker outlives broker restarts: keep reconnecting, without a limit (the first
+        # connection is retried as in every app).
         broker_connection_max_retries=None,
         # When the broker connection drops, running tasks' messages go back to the queue;
         # cancel such tasks where the pool can, rather than finish work another worker has.

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +66,40 @@ class Handoff:
         """Finish every submitted job, then stop the threads."""
         self.drain()
         self._pool.shutdown(wait=True)
+
+
+@dataclass
+class BatchLog:
+    """Collects a batch's background timings and logs one line when its last image is done."""
+
+    run: str
+    size: int
+    drawn: dict[str, float]
+    busy: float
+    encode: float = 0.0
+    upload: float = 0.0
+    remaining: int = 0
+    on_done: Callable[[], None] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, encode: float, upload: float) -> None:
+        with self.lock:
+            self.encode += encode
+            self.upload += upload
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last and self.on_done is not None:
+            self.on_done()
+        if last:
+            stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.drawn.items() if v >= 0.005)
+            log.info(
+                "run %s: batch of %d drawn in %.2fs (%s); encoded %.2fs, uploaded %.2fs in the "
+                "background; GPU busy %.0f%% since the first batch",
+                self.run,
+                self.size,
+                sum(self.drawn.values()),
+                stages,
+                self.encode,
+                self.upload,
+                100 * self.busy,
+            )

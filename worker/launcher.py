@@ -16,9 +16,15 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from schemas.errors import EXIT_CODES_HELP, ConfigError, exit_code, one_line
-from schemas.settings import load_settings
-from worker.process import ArgumentParser, add_pipeline_arguments, log_level, pipeline_flags, port
+from skufleet.schemas.errors import EXIT_CODES_HELP, ConfigError, exit_code, one_line
+from skufleet.schemas.settings import load_settings
+from skufleet.worker.process import (
+    ArgumentParser,
+    add_pipeline_arguments,
+    log_level,
+    pipeline_flags,
+    port,
+)
 
 log = logging.getLogger("skufleet.launcher")
 
@@ -72,7 +78,7 @@ def child_command(
     command = [
         sys.executable,
         "-m",
-        "worker.process",
+        "skufleet.worker.process",
         "--model",
         model,
         "--device",

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from schemas.errors import ConfigError, DeviceError, ModelLoadError
-from schemas.names import SCHEDULERS, TINY_MODEL
+from skufleet.schemas.errors import ConfigError, DeviceError, ModelLoadError
+from skufleet.schemas.names import SCHEDULERS, TINY_MODEL
 
 if TYPE_CHECKING:
-    from schemas.params import GenerationParams
+    from skufleet.schemas.params import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ class PipelineOptions:
     """Run the model's safety checker; flagged images are recorded, never uploaded."""
     vae_batch: int = 8
     """Images decoded by the VAE at once: bounds decode memory for large batches."""
-    attention_slicing: bool = False
-    """Attention in slices (low memory, slow): the classic one-image-at-a-time setup."""
     channels_last: bool = True
     batch_invariant: bool | None = None
     """Bit-identical pixels whatever the batch: None means on for CPU, off for CUDA.
@@ -216,7 +214,7 @@ class Pipeline:
         dtype = resolve_dtype(options.dtype, target)
         source: str | Path = model
         if model == TINY_MODEL:
-            from worker import tiny
+            from skufleet.worker import tiny
 
             source = tiny.ensure(cache_dir)
         extra: dict[str, Any] = {}
@@ -240,8 +238,6 @@ class Pipeline:
         if options.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        if options.attention_slicing:
-            pipe.enable_attention_slicing()
         invariant = (
             device.type == "cpu" if options.batch_invariant is None else options.batch_invariant
         )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from schemas.output import OutputSpec
+from skufleet.schemas.output import OutputSpec
 
 PANEL_RATIO = 0.75
 """Width of the annotation panel relative to the image's width."""

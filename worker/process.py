@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 from celery import signals
 from kombu.exceptions import OperationalError as BrokerError
 
-from schemas import ledger
-from schemas.errors import (
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import (
     EXIT_FAILED,
     EXIT_USAGE,
     BrokerUnavailable,
@@ -30,14 +30,14 @@ from schemas.errors import (
     exit_code,
     one_line,
 )
-from schemas.names import ops_queue, render_queue
-from schemas.redact import redact_url
-from schemas.settings import Settings, load_settings
-from worker.celery_app import burst_step, create_app
-from worker.pipeline import ImageModel, Pipeline, PipelineOptions
-from worker.render import Renderer
-from worker.storage import Storage
-from worker.tasks import make_requeue, register_reconcile, register_render
+from skufleet.schemas.names import render_queue
+from skufleet.schemas.redact import redact_url
+from skufleet.schemas.settings import Settings, load_settings
+from skufleet.worker.celery_app import burst_step, create_app
+from skufleet.worker.pipeline import ImageModel, Pipeline, PipelineOptions
+from skufleet.worker.render import Renderer
+from skufleet.worker.storage import Storage
+from skufleet.worker.tasks import make_requeue, register_render
 
 log = logging.getLogger("skufleet.worker")
 
@@ -160,7 +160,6 @@ def serve(
     app = create_app(settings)
     renderer = Renderer(settings, engine, pipeline, storage, hostname, make_requeue(app, queue))
     register_render(app, renderer)
-    register_reconcile(app, settings)
     if burst:
         app.steps["consumer"].add(burst_step(renderer.busy))
     log.info("%s ready on %s, consuming %s", hostname, pipeline.describe_device(), queue)
@@ -168,7 +167,7 @@ def serve(
         "worker",
         "--pool=threads",  # torch releases the GIL; the main thread keeps heartbeats flowing
         "--concurrency=1",  # one batch at a time per device
-        f"--queues={queue},{ops_queue(settings.queue_prefix)}",
+        f"--queues={queue}",
         f"--hostname={hostname}",
         f"--loglevel={loglevel}",
         "--without-mingle",  # no revokes or clocks to sync at start; starts faster
@@ -193,7 +192,7 @@ def serve(
 
 def main(argv: list[str] | None = None, load: Loader = Pipeline.load) -> int:
     parser = ArgumentParser(
-        prog="python -m worker.process", description="One skufleet worker for one device."
+        prog="python -m skufleet.worker.process", description="One skufleet worker for one device."
     )
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", required=True, help="cpu or cuda (already pinned)")
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None, load: Loader = Pipeline.load) -> int:
         log.critical("%s cannot start: %s", args.name, one_line(exc))
         return exit_code(exc)
     if args.metrics_port:
-        from worker import metrics
+        from skufleet.worker import metrics
 
         try:
             metrics.serve(args.metrics_port, args.metrics_address)

@@ -8,6 +8,9 @@ The GPU part (claim and draw) runs in the task; encoding, upload and the ledger 
 each image run on background threads (:class:`~worker.handoff.Handoff`), so the next batch
 is already drawing while this one is stored. A message is acknowledged once its batch is
 drawn; from then on the ledger (each item's lease and attempt) keeps the item safe.
+
+A run's completion (its manifest and webhook) is not the worker's: the reconciler
+(``skufleet reconcile --watch``) completes every finished run on its next pass.
 """
 
 from __future__ import annotations
@@ -19,21 +22,17 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote
 
 import numpy as np
-import sqlalchemy as sa
 import torch
 from PIL import Image
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
-from producer import downstream
-from producer.bucket import Bucket
-from schemas import ledger
-from schemas.errors import (
+from skufleet.schemas import ledger
+from skufleet.schemas.errors import (
     DeviceError,
     FatalError,
     ItemError,
@@ -41,18 +40,17 @@ from schemas.errors import (
     RetryableError,
     SkufleetError,
     Stopping,
-    StorageUnavailable,
 )
-from schemas.output import OutputSpec
-from schemas.params import GenerationParams, RenderPayload
-from schemas.settings import Settings
-from schemas.tables import ItemStatus
-from worker import metrics
-from worker.breaker import Breaker
-from worker.handoff import Handoff
-from worker.pipeline import Batch, ImageModel, Job
-from worker.postprocess import process
-from worker.storage import Storage
+from skufleet.schemas.output import OutputSpec
+from skufleet.schemas.params import GenerationParams, RenderPayload
+from skufleet.schemas.settings import Settings
+from skufleet.schemas.tables import ItemStatus
+from skufleet.worker import metrics
+from skufleet.worker.handoff import BatchLog, Handoff
+from skufleet.worker.outage import Services
+from skufleet.worker.pipeline import Batch, ImageModel, Job
+from skufleet.worker.postprocess import process
+from skufleet.worker.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -81,48 +79,8 @@ class Outcome:
 
     claimed: int = 0
     drawn: int = 0
-    retried: list[int] = field(default_factory=list)
-    """Items put back to queued and republished after a backoff."""
-    failed: list[int] = field(default_factory=list)
     fatal: FatalError | None = None
     """Set when the device cannot go on; its items were handed back to the fleet."""
-
-
-@dataclass
-class _BatchLog:
-    """Collects a batch's background timings and logs one line when its last image is done."""
-
-    run: str
-    size: int
-    drawn: dict[str, float]
-    busy: float
-    encode: float = 0.0
-    upload: float = 0.0
-    remaining: int = 0
-    on_done: Callable[[], None] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, encode: float, upload: float) -> None:
-        with self.lock:
-            self.encode += encode
-            self.upload += upload
-            self.remaining -= 1
-            last = self.remaining == 0
-        if last and self.on_done is not None:
-            self.on_done()
-        if last:
-            stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.drawn.items() if v >= 0.005)
-            log.info(
-                "run %s: batch of %d drawn in %.2fs (%s); encoded %.2fs, uploaded %.2fs in the "
-                "background; GPU busy %.0f%% since the first batch",
-                self.run,
-                self.size,
-                sum(self.drawn.values()),
-                stages,
-                self.encode,
-                self.upload,
-                100 * self.busy,
-            )
 
 
 class Renderer:
@@ -145,22 +103,16 @@ class Renderer:
         self.worker_name = worker_name
         self.requeue = requeue
         self.handoff = handoff or Handoff()
-        self.bucket = Bucket(settings)
         self.device = pipeline.describe_device()
         self.batch_limit: int | None = None
         """Largest batch that fits the device, learnt from out-of-memory errors."""
         self._first_draw: float | None = None
         self._gpu_seconds = 0.0
-        self.storage_breaker = Breaker("storage", storage.probe)
-        self.ledger_breaker = Breaker("ledger", self._ping_ledger)
-        """Open while the bucket or the database is down: the worker pauses (worker.breaker)."""
+        self.services = Services(settings, engine, storage)
+        """The ledger and the bucket behind circuit breakers: outages pause the worker."""
         self._storing = threading.Semaphore(1)
         """Held by the one batch being stored: the next batch draws meanwhile, the one after
         waits, so an outage or a crash costs at most two batches."""
-        self._held: dict[int, ledger.Claim] = {}
-        """Drawn items waiting to be stored, whose leases are renewed while storage is down."""
-        self._held_lock = threading.Lock()
-        threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True).start()
 
     def busy(self) -> bool:
         """True while images are still being stored in the background."""
@@ -168,96 +120,13 @@ class Renderer:
 
     def interrupt(self) -> None:
         """The process is stopping: work waiting out an outage is handed back instead."""
-        self.storage_breaker.stop()
-        self.ledger_breaker.stop()
+        self.services.interrupt()
 
     def close(self) -> None:
         """Finish storing every drawn image (on shutdown, so no lease is left to expire);
         images still waiting for an outage to end are handed back to the ledger."""
         self.interrupt()
         self.handoff.close()
-
-    def _ping_ledger(self) -> None:
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        except DBAPIError as exc:
-            raise ledger.unavailable(exc, self.engine) from exc
-
-    def _keep_leases(self) -> None:
-        """While storage is down, renew the leases of the drawn items waiting for it, so the
-        reconciler does not hand them to another worker to be drawn again."""
-        interval = max(0.5, self.settings.lease_seconds / 3)
-        while True:
-            time.sleep(interval)
-            if not self.storage_breaker.is_open or self.ledger_breaker.is_open:
-                continue
-            with self._held_lock:
-                held = list(self._held.values())
-            for claim in held:
-                try:
-                    ledger.renew(self.engine, claim, self.settings.lease_seconds)
-                except LedgerUnavailable:
-                    break  # the ledger breaker takes it from here
-
-    def _hold(self, claims: Sequence[ledger.Claim]) -> None:
-        with self._held_lock:
-            self._held.update((claim.id, claim) for claim in claims)
-
-    def _unhold(self, claim: ledger.Claim) -> None:
-        with self._held_lock:
-            self._held.pop(claim.id, None)
-
-    def _batch_stored(self, run_id: int) -> None:
-        self._storing.release()
-        self._complete(run_id)
-
-    def _wait_for_services(self) -> None:
-        """Block while the ledger or storage is down; Stopping if the process stops first."""
-        for breaker in (self.ledger_breaker, self.storage_breaker):
-            if not breaker.wait():
-                raise Stopping(f"the worker is stopping while {breaker.name} is unavailable")
-
-    def _ledger(self, write: Callable[[], T]) -> T:
-        """A ledger statement, carried through outages: one quick retry (the pool replaces a
-        dropped connection), then the ledger breaker opens and this waits until it answers."""
-        failures = 0
-        while True:
-            try:
-                return write()
-            except LedgerUnavailable as exc:
-                failures += 1
-                if failures > 1:
-                    self.ledger_breaker.trip(exc)
-                    if not self.ledger_breaker.wait():
-                        raise Stopping("the worker is stopping while the ledger is down") from exc
-
-    def _upload(self, claim: ledger.Claim, key: str, body: bytes, digest: str, kind: str) -> bool:
-        """Upload, waiting out storage outages with the item kept in memory and its lease
-        renewed; False if the item stopped being ours meanwhile (nothing is uploaded)."""
-        while True:
-            try:
-                self.storage.put(
-                    key,
-                    body,
-                    sha256_hex=digest,
-                    content_type=kind,
-                    metadata=self._object_metadata(claim),
-                )
-                return True
-            except StorageUnavailable as exc:
-                self.storage_breaker.trip(exc)
-            # hold the image until storage answers (the lease keeper renews its lease), then
-            # make sure it is still ours before writing its object
-            if not self.storage_breaker.wait():
-                raise Stopping("the worker is stopping while storage is down")
-            renew = functools.partial(ledger.renew, self.engine, claim, self.settings.lease_seconds)
-            if not self._ledger(renew):
-                return False
-
-    @property
-    def _stopping(self) -> bool:
-        return self.storage_breaker.stopping or self.ledger_breaker.stopping
 
     def handle(self, payload: RenderPayload) -> Outcome:
         outcome = Outcome()
@@ -270,7 +139,7 @@ class Renderer:
         # (while the ledger or storage is down the message waits here: no new work is taken,
         # and the message stays unacknowledged until it can be claimed)
         while True:
-            self._wait_for_services()
+            self.services.wait()
             try:
                 result = ledger.claim(
                     self.engine,
@@ -283,7 +152,7 @@ class Renderer:
                 )
                 break
             except LedgerUnavailable as exc:
-                self.ledger_breaker.trip(exc)
+                self.services.ledger_breaker.trip(exc)
         if result.refused is not None:
             log.warning(
                 "refusing a message for run %s on a worker of model %r: %s",
@@ -309,10 +178,12 @@ class Renderer:
         try:
             batch = self._draw(jobs, claims[0].params)
         except FatalError as exc:
-            self._release(payload, claims, exc, outcome)
+            metrics.FAILED_BATCHES.inc()
+            self._release(payload, claims, exc)
             outcome.fatal = exc
             return outcome
         except Exception as exc:  # any error of the model is recorded on its items
+            metrics.FAILED_BATCHES.inc()
             log.exception("drawing %d items failed", len(claims))
             # a batch that failed as a whole is retried one item per message, so that a
             # single bad item cannot keep failing the others
@@ -320,7 +191,6 @@ class Renderer:
                 payload,
                 claims,
                 exc,
-                outcome,
                 retry=not isinstance(exc, ItemError),
                 one_per_message=len(claims) > 1,
             )
@@ -328,22 +198,22 @@ class Renderer:
         outcome.drawn = len(claims)
         self._account(started, batch)
         # at most one batch is stored while the next draws: wait for the previous one
-        self._hold(claims)
+        self.services.hold(claims)
         while not self._storing.acquire(timeout=1.0):
-            if self._stopping:
-                self._release(payload, claims, Stopping("the worker is stopping"), outcome)
+            if self.services.stopping:
+                self._release(payload, claims, Stopping("the worker is stopping"))
                 for claim in claims:
-                    self._unhold(claim)
+                    self.services.unhold(claim)
                 return outcome
 
         # 3. encode, upload and record each image in the background
-        report = _BatchLog(
+        report = BatchLog(
             run,
             len(claims),
             batch.seconds,
             self.gpu_busy,
             remaining=len(claims),
-            on_done=functools.partial(self._batch_stored, payload.run_id),
+            on_done=self._storing.release,
         )
         seconds_per_item = (time.perf_counter() - started) / len(claims)
         for claim, pixels, flagged in zip(claims, batch.images, batch.flagged, strict=True):
@@ -409,13 +279,13 @@ class Renderer:
         pixels: np.ndarray,
         flagged: bool,
         seconds: float,
-        report: _BatchLog,
+        report: BatchLog,
     ) -> None:
         """Background: post-process, upload and record one image (or record why not)."""
         encode = upload = 0.0
         try:
             if flagged:
-                self._ledger(
+                self.services.in_ledger(
                     lambda: ledger.flag(
                         self.engine, claim, "flagged by the safety checker; not uploaded"
                     )
@@ -442,14 +312,22 @@ class Renderer:
             # it (its lease expired and another attempt took over) or that cannot reach the
             # ledger never uploads
             lease = self.settings.lease_seconds
-            if not self._ledger(lambda: ledger.renew(self.engine, claim, lease)):
+            if not self.services.in_ledger(lambda: ledger.renew(self.engine, claim, lease)):
                 log.warning(
                     "item %s is no longer ours (attempt %s is stale); not uploaded",
                     claim.id,
                     claim.attempt,
                 )
                 return
-            if not self._upload(claim, key, encoded.body, digest, encoded.content_type):
+            uploaded = self.services.upload(
+                claim,
+                key,
+                encoded.body,
+                digest=digest,
+                content_type=encoded.content_type,
+                metadata=self._object_metadata(claim),
+            )
+            if not uploaded:
                 log.warning(
                     "item %s was taken over while storage was down (attempt %s is stale); "
                     "not uploaded",
@@ -458,7 +336,7 @@ class Renderer:
                 )
                 return
             upload = time.perf_counter() - started - encode
-            finished = self._ledger(
+            finished = self.services.in_ledger(
                 lambda: ledger.finish(self.engine, claim, len(encoded.body), digest, seconds)
             )
             if not finished:
@@ -468,26 +346,16 @@ class Renderer:
                     claim.attempt,
                 )
         except Stopping as exc:
-            self._release(payload, [claim], exc, Outcome())
+            self._release(payload, [claim], exc)
         except ItemError as exc:
-            self._fail(payload, [claim], exc, Outcome(), retry=False, one_per_message=True)
+            self._fail(payload, [claim], exc, retry=False, one_per_message=True)
         except Exception as exc:  # storage, ledger or an unexpected error: retry the item
             if not isinstance(exc, RetryableError):
                 log.exception("storing item %s failed", claim.id)
-            self._fail(payload, [claim], exc, Outcome(), retry=True, one_per_message=True)
+            self._fail(payload, [claim], exc, retry=True, one_per_message=True)
         finally:
-            self._unhold(claim)
+            self.services.unhold(claim)
             report.add(encode, upload)
-
-    def _complete(self, run_id: int) -> None:
-        """After a batch: if that was the run's last open work, write its manifest and call
-        the webhook (one worker wins; the reconciler catches any run missed here)."""
-        try:
-            downstream.complete(self.settings, self.engine, self.bucket, run_id)
-        except SkufleetError as exc:
-            log.warning(
-                "run %s finished but its manifest could not be written yet: %s", run_id, exc
-            )
 
     def _object_metadata(self, claim: ledger.Claim) -> dict[str, str]:
         """S3 user metadata, which is ASCII: SKU, shot and model are percent-encoded."""
@@ -516,7 +384,6 @@ class Renderer:
         payload: RenderPayload,
         claims: Sequence[ledger.Claim],
         exc: BaseException,
-        outcome: Outcome,
         *,
         retry: bool,
         one_per_message: bool,
@@ -546,14 +413,12 @@ class Renderer:
                     claim.attempt,
                     describe_error(exc),
                 )
-                outcome.failed.append(claim.id)
         if not retried:
             return
         delay = backoff(self.settings.retry_backoff_seconds, max(c.attempt for c in retried))
         groups = [[c.id] for c in retried] if one_per_message else [[c.id for c in retried]]
         for ids in groups:
             self.requeue(payload.model_copy(update={"item_ids": ids}), delay)
-        outcome.retried += [c.id for c in retried]
         log.info("retrying %d items in %d messages in %.1fs", len(retried), len(groups), delay)
 
     def _release(
@@ -561,7 +426,6 @@ class Renderer:
         payload: RenderPayload,
         claims: Sequence[ledger.Claim],
         exc: FatalError | Stopping,
-        outcome: Outcome,
     ) -> None:
         """Hand the items back to the fleet at once, without counting this attempt (the
         device failed, or the worker stops during an outage: not the items' fault)."""
@@ -575,4 +439,3 @@ class Renderer:
                 log.exception("cannot release item %s; its lease will expire", claim.id)
         if released:
             self.requeue(payload.model_copy(update={"item_ids": released}), 0.0)
-        outcome.retried += released

@@ -10,9 +10,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from schemas.errors import ConfigError, StorageRefused, StorageUnavailable
-from schemas.redact import redact_text
-from schemas.settings import Settings
+from skufleet.schemas.errors import ConfigError, StorageRefused, StorageUnavailable
+from skufleet.schemas.redact import redact_text
+from skufleet.schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 

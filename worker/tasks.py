@@ -10,11 +10,10 @@ from celery.exceptions import Reject
 from celery.worker import state
 from pydantic import ValidationError
 
-from schemas.errors import EXIT_DEVICE_FAILED, ItemError, RetryableError, Stopping
-from schemas.names import TASK_RECONCILE, TASK_RENDER
-from schemas.params import RenderPayload
-from schemas.settings import Settings
-from worker.render import Renderer, Requeue, backoff
+from skufleet.schemas.errors import EXIT_DEVICE_FAILED, ItemError, RetryableError, Stopping
+from skufleet.schemas.names import TASK_RENDER
+from skufleet.schemas.params import RenderPayload
+from skufleet.worker.render import Renderer, Requeue, backoff
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +89,3 @@ def register_render(app: Celery, renderer: Renderer) -> Task:
         return {"claimed": outcome.claimed, "drawn": outcome.drawn}
 
     return render
-
-
-def register_reconcile(app: Celery, settings: Settings) -> Task:
-    """Register ``skufleet.reconcile``, the beat-driven reconciler pass (``skufleet beat``)."""
-
-    @app.task(name=TASK_RECONCILE)
-    def reconcile() -> dict[str, int]:
-        from producer.publish import Publisher
-        from producer.reconcile import reconcile as reconcile_pass
-        from schemas import ledger
-
-        engine = ledger.create_engine(settings.database_url)
-        try:
-            with Publisher(settings) as publisher:
-                report = reconcile_pass(engine, publisher, settings)
-        finally:
-            engine.dispose()
-        log.info("reconcile: %s", report)
-        return report.as_dict()
-
-    return reconcile

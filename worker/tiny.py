@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from schemas.vocab import MAX_TOKENS, clip_vocabulary
+from skufleet.schemas.vocab import MAX_TOKENS, clip_vocabulary
 
 SEED = 0
 """Weights come from a fixed seed, so every process that builds them gets the same model."""

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
-from schemas.key import object_key
-from schemas.output import FORMATS
+from skufleet.schemas.key import object_key
+from skufleet.schemas.output import FORMATS
 
 revision: str = "0005"
 down_revision: str | None = "0004"

@@ -25,9 +25,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from producer.services import LocalRedis, LocalS3, wait_until
-from schemas import ledger
-from schemas.tables import Item, ItemStatus
+from skufleet.producer.services import (
+    LocalRedis,
+    LocalS3,
+    kill_group,
+    signal_group,
+    spawn_group,
+    wait_until,
+)
+from skufleet.schemas import ledger
+from skufleet.schemas.tables import Item, ItemStatus
 from tests.fixtures import stand_in_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,24 +145,16 @@ class FaultFleet:
 
     def __exit__(self, *exc: object) -> None:
         for process in [*self.workers.values(), self.reconciler]:
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            if process is not None:
+                kill_group(process)
         self.redis.stop()
         self.engine.dispose()
 
     def _spawn(
         self, command: list[str], name: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = (self.tmp_path / f"{name}.log").open("ab")
-        return subprocess.Popen(
-            command,
-            env=env or self.env,
-            cwd=self.tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        log = self.tmp_path / f"{name}.log"
+        return spawn_group(command, log=log, env=env or self.env, cwd=self.tmp_path)
 
     def log(self, name: str) -> str:
         return (self.tmp_path / f"{name}.log").read_text(errors="replace")
@@ -250,10 +249,7 @@ class FaultFleet:
 
     def kill_worker(self, index: int) -> None:
         """SIGKILL: no clean-up, no ack, no goodbye."""
-        process = self.workers[index]
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        kill_group(self.workers[index])
 
     def busy_workers(self) -> list[int]:
         """Workers that hold running items right now (mid-batch)."""
@@ -277,10 +273,9 @@ class FaultFleet:
         return len(dead)
 
     def stop_workers(self, timeout: float = 60) -> list[int]:
-        """SIGTERM every worker (a warm shutdown) and wait; their exit codes."""
+        """SIGTERM every worker (a warm shutdown), all at once, and wait; their exit codes."""
         for process in self.workers.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+            signal_group(process, signal.SIGTERM)
         return [process.wait(timeout) for process in self.workers.values()]
 
     def restart_redis(self) -> None:

@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 
-from producer.services import free_port
+from skufleet.producer.services import free_port
 
 
 class Outage:

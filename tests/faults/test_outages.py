@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from producer.services import LocalS3
-from schemas.tables import Item
+from skufleet.producer.services import LocalS3
+from skufleet.schemas.tables import Item
 from tests.faults.harness import FULL, FaultFleet
 from tests.faults.outage import Outage
 

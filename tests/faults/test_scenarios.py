@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from producer.services import LocalS3, wait_until
-from schemas.tables import Item, ItemStatus
+from skufleet.producer.services import LocalS3, wait_until
+from skufleet.schemas.tables import Item, ItemStatus
 from tests.faults.harness import FULL, RESULTS, FaultFleet
 from tests.faults.proxy import FlakyS3Proxy
 from tests.fixtures.pipelines import KILL
@@ -326,7 +326,7 @@ def test_a_pickle_message_is_refused_and_keys_stay_in_the_run(
     without running; SKUs that try to escape produce keys inside the run's prefix."""
     from celery import Celery
 
-    from schemas.names import TASK_RENDER, render_queue
+    from skufleet.schemas.names import TASK_RENDER, render_queue
 
     fleet = pickle_worker
     fleet.enqueue(
@@ -361,7 +361,7 @@ def test_a_pickle_message_is_refused_and_keys_stay_in_the_run(
 def test_a_large_bad_catalogue_is_accounted_record_by_record(tmp_path: Path) -> None:
     """Malformed records of every kind, scattered through a large file: each is reported
     with its record number, line and reason, and accepted + rejected + duplicate = read."""
-    from producer.catalogue import Catalogue, Record, Reject, Tally
+    from skufleet.producer.catalogue import Catalogue, Record, Reject, Tally
 
     rng = random.Random(5)
     bad = {

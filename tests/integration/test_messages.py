@@ -14,10 +14,10 @@ import pytest
 import redis
 from celery import Celery
 
-from schemas.names import TASK_RENDER, render_queue
+from skufleet.schemas.names import TASK_RENDER, render_queue
+from skufleet.worker.transport import DEAD_LETTER_SUFFIX
 from tests.conftest import Fleet, postgres_only
 from tests.fixtures import stand_in_worker
-from worker.transport import DEAD_LETTER_SUFFIX
 
 pytestmark = pytest.mark.integration
 

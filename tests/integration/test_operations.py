@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from producer.services import free_port, wait_until
+from skufleet.producer.services import free_port, wait_until
 from tests.conftest import BIN, EXAMPLES, Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
@@ -109,7 +109,8 @@ def test_presigned_urls_read_the_private_bucket_without_credentials(fleet: Fleet
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 40
-    manifest = {r["key"]: r for r in fleet.manifest("p")}
+    listed = fleet.cli("manifest", "p")
+    manifest = {r["key"]: r for r in map(json.loads, listed.stdout.splitlines())}
     for record in records[:5]:
         status, body = get(record["url"])
         assert status == 200 and len(body) == manifest[record["key"]]["bytes"]
@@ -141,7 +142,7 @@ def test_generate_queues_a_prompt_waits_and_saves_the_images(fleet: Fleet) -> No
     assert result.returncode == 0, result.stderr[-3000:]
     paths = [Path(line) for line in result.stdout.split()]
     assert len(paths) == 3 and all(p.exists() and p.parent == out for p in paths)
-    from worker.postprocess import read_metadata
+    from skufleet.worker.postprocess import read_metadata
 
     assert sorted(read_metadata(p.read_bytes())["seed"] for p in paths) == ["5", "6", "7"]
     assert all(read_metadata(p.read_bytes())["prompt"] == "a red enamel mug" for p in paths)
@@ -167,7 +168,7 @@ def demo(
 def test_the_demo_renders_everything_and_leaves_no_process(tmp_path: Path) -> None:
     """`skufleet demo` with nothing configured: private Redis, S3 and ledger, Flower, a
     worker; every item succeeds, the images land on disk, and nothing keeps running."""
-    before = _processes()
+    before = _processes(tmp_path)
     result = demo(tmp_path, str(EXAMPLES / "catalogue.csv"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Flower at http://127.0.0.1:" in result.stderr
@@ -175,18 +176,26 @@ def test_the_demo_renders_everything_and_leaves_no_process(tmp_path: Path) -> No
     assert len(images) == 40
     assert "│ succeeded     │ 40" in result.stdout
     time.sleep(1)
-    assert _processes() - before == set()
+    assert _processes(tmp_path) - before == set()
 
 
-def _processes() -> set[str]:
-    """Command lines of running demo-type processes (servers, Flower, workers)."""
+def _processes(within: Path) -> set[str]:
+    """Command lines of running demo-type processes (servers, Flower, workers) whose working
+    directory is inside ``within``: this test's own, whatever else runs on the machine."""
     out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    keep = ("redis-server", "weed server", "flower", "skufleet-worker", "worker.process")
-    return {
-        line
-        for line in out.splitlines()
-        if any(k in line for k in keep) and "tests.fixtures" not in line
-    }
+    keep = ("redis-server", "weed server", "flower", "skufleet-worker", "skufleet.worker.process")
+    found = set()
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if not any(k in args for k in keep) or "tests.fixtures" in args:
+            continue
+        try:
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if cwd == within or within in cwd.parents:
+            found.add(line)
+    return found
 
 
 def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path, postgres_url: str) -> None:
@@ -202,7 +211,7 @@ def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path, postgres_url: str) -
         "AWS_ACCESS_KEY_ID": "Access-Key-Marker",
         "AWS_SECRET_ACCESS_KEY": "Secret-Key-Marker",
     }
-    before = _processes()
+    before = _processes(tmp_path)
     result = demo(tmp_path, str(catalogue), "--keep", configured=configured)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "│ succeeded     │ 4" in result.stdout
@@ -214,7 +223,7 @@ def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path, postgres_url: str) -
         for marker in ("Ledger-Pass-Marker", "Access-Key-Marker", "Secret-Key-Marker"):
             assert marker not in text, marker
         kept = json.loads(text)
-        running = _processes() - before
+        running = _processes(tmp_path) - before
         for name in ("redis-server", "weed server", "flower", "skufleet-worker"):
             assert any(name in line for line in running), (name, running)
         assert listening(kept["flower"])

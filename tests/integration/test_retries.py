@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from schemas.tables import Item, ItemStatus
+from skufleet.schemas.tables import Item, ItemStatus
 from tests.conftest import Fleet, postgres_only
 from tests.fixtures import stand_in_worker
 from tests.fixtures.pipelines import POISON

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from schemas.tables import Item
+from skufleet.schemas.tables import Item
 from tests.conftest import Fleet, postgres_only
 
 pytestmark = pytest.mark.integration

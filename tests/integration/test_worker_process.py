@@ -1,5 +1,5 @@
 """Real worker processes: heartbeats during a long batch, a device taken out of rotation,
-and the beat-driven reconciler."""
+and the reconciler around them."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from producer.services import free_port, wait_until
-from schemas.tables import Item, ItemStatus
+from skufleet.producer.services import free_port, wait_until
+from skufleet.schemas.tables import Item, ItemStatus
 from tests.conftest import Fleet, postgres_only
 from tests.fixtures import stand_in_worker
 
@@ -147,10 +147,10 @@ def test_a_device_out_of_memory_for_one_image_leaves_the_rotation(fleet: Fleet) 
 
 
 @postgres_only
-def test_beat_runs_the_reconciler_on_the_workers(fleet: Fleet) -> None:
-    """`skufleet beat` sends `skufleet.reconcile` to the ops queue every
-    SKUFLEET_RECONCILE_SECONDS; a worker runs it and items stranded by a dead worker (running
-    with an expired lease) are queued again and rendered."""
+def test_the_reconciler_requeues_stranded_items_and_completes_the_run(fleet: Fleet) -> None:
+    """`skufleet reconcile --watch` (the fleet's one reconciler, in every topology) queues
+    again items stranded by a dead worker (running with an expired lease); a worker renders
+    them, and the reconciler's next pass writes the finished run's manifest."""
     enqueue(fleet, rows=2, batch=2)
     with Session(fleet.engine()) as session, session.begin():
         session.execute(
@@ -162,15 +162,16 @@ def test_beat_runs_the_reconciler_on_the_workers(fleet: Fleet) -> None:
             )
         )
     fleet.env["SKUFLEET_RECONCILE_SECONDS"] = "1"
-    beat = subprocess.Popen(
-        [str(Path(sys.executable).parent / "skufleet"), "beat"],
+    reconciler = subprocess.Popen(
+        [str(Path(sys.executable).parent / "skufleet"), "reconcile", "--watch", "--json"],
         env=fleet.env,
         cwd=fleet.tmp_path,
-        stdout=subprocess.DEVNULL,
+        text=True,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
     worker = start_stand_in(
-        fleet, f"beat{secrets.token_hex(3)}", "--fixture", "standin", burst=False
+        fleet, f"rec{secrets.token_hex(3)}", "--fixture", "standin", burst=False
     )
     try:
         wait_until(
@@ -178,11 +179,23 @@ def test_beat_runs_the_reconciler_on_the_workers(fleet: Fleet) -> None:
             90,
             "the reconciler to requeue the stranded items",
         )
+        wait_until(
+            lambda: bool(fleet.objects("r/manifest")) or _manifest(fleet), 30, "the manifest"
+        )
     finally:
-        for process in (beat, worker):
+        for process in (reconciler, worker):
             process.kill()
-    output = worker.communicate()[0]
-    assert "skufleet.reconcile" in output and "2 expired leases requeued" in output
+    passes = [json.loads(line) for line in reconciler.communicate()[0].splitlines() if line]
+    assert sum(p["expired"] for p in passes) == 2 and sum(p["completed"] for p in passes) == 1
+    assert [r["sku"] for r in fleet.manifest("r")] == ["S0", "S1"]
     with Session(fleet.engine()) as session:
         attempts = list(session.scalars(sa.select(Item.attempts)))
     assert attempts == [2, 2]
+
+
+def _manifest(fleet: Fleet) -> bool:
+    try:
+        fleet.read_object("r/manifest.jsonl")
+    except Exception:
+        return False
+    return True

@@ -5,7 +5,11 @@ the webhook answers it with a 2xx. Delivery claims an event due now by moving it
 ``next_attempt_at`` past the longest a delivery can take (a compare-and-set UPDATE, so two
 deliverers never send the same event at once), then marks it delivered, or failed with the
 next attempt :func:`backoff` away. An event whose deliverer died is due again when its claim
-runs out. Database errors are raised as LedgerUnavailable.
+runs out.
+
+Calling convention: every function takes the Engine and commits its own transaction (opened
+with ``begin``, so database failures are raised as LedgerUnavailable): a claimed event must
+be committed as claimed before it is sent.
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
-from schemas.ledger import unavailable, utcnow
-from schemas.tables import Event
+from skufleet.schemas.ledger.engine import begin, utcnow
+from skufleet.schemas.tables import Event
 
 RUN_COMPLETED = "run.completed"
 """A run's last open item is done; its manifest is in the bucket."""
@@ -59,21 +62,18 @@ def record(engine: Engine, run_id: int | None, kind: str, payload: dict[str, Any
     event id) and ``"event"`` (``kind``) added, so a receiver can deduplicate."""
     event_id = str(uuid.uuid4())
     now = utcnow()
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.insert(Event).values(
-                    event_id=event_id,
-                    run_id=run_id,
-                    kind=kind,
-                    payload={**payload, "event": kind, "id": event_id},
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                )
+    with begin(engine) as conn:
+        conn.execute(
+            sa.insert(Event).values(
+                event_id=event_id,
+                run_id=run_id,
+                kind=kind,
+                payload={**payload, "event": kind, "id": event_id},
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
             )
-    except DBAPIError as exc:
-        raise unavailable(exc, engine) from exc
+        )
     return event_id
 
 
@@ -94,11 +94,8 @@ def claim_due(engine: Engine, limit: int = 1, now: datetime | None = None) -> li
         .values(attempts=Event.attempts + 1, next_attempt_at=now + CLAIM)
         .returning(Event.event_id, Event.run_id, Event.kind, Event.payload, Event.attempts)
     )
-    try:
-        with engine.begin() as conn:
-            rows = conn.execute(statement).all()
-    except DBAPIError as exc:
-        raise unavailable(exc, engine) from exc
+    with begin(engine) as conn:
+        rows = conn.execute(statement).all()
     return [
         PendingEvent(
             event_id=row.event_id,
@@ -114,16 +111,13 @@ def claim_due(engine: Engine, limit: int = 1, now: datetime | None = None) -> li
 def mark_delivered(engine: Engine, event_id: str) -> bool:
     """The webhook took the event; False if it was already marked delivered."""
     now = utcnow()
-    try:
-        with engine.begin() as conn:
-            done = conn.execute(
-                sa.update(Event)
-                .where(Event.event_id == event_id, Event.delivered_at.is_(None))
-                .values(delivered_at=now, last_error=None)
-                .returning(Event.id)
-            ).first()
-    except DBAPIError as exc:
-        raise unavailable(exc, engine) from exc
+    with begin(engine) as conn:
+        done = conn.execute(
+            sa.update(Event)
+            .where(Event.event_id == event_id, Event.delivered_at.is_(None))
+            .values(delivered_at=now, last_error=None)
+            .returning(Event.id)
+        ).first()
     return done is not None
 
 
@@ -131,21 +125,18 @@ def mark_failed(engine: Engine, event_id: str, error: str) -> datetime | None:
     """The delivery failed with ``error``: the event is due again after :func:`backoff` of
     its attempts. The next attempt's time, or None if the event is delivered or gone."""
     now = utcnow()
-    try:
-        with engine.begin() as conn:
-            attempts = conn.execute(
-                sa.select(Event.attempts).where(
-                    Event.event_id == event_id, Event.delivered_at.is_(None)
-                )
-            ).scalar()
-            if attempts is None:
-                return None
-            next_attempt = now + backoff(int(attempts))
-            conn.execute(
-                sa.update(Event)
-                .where(Event.event_id == event_id, Event.delivered_at.is_(None))
-                .values(next_attempt_at=next_attempt, last_error=error[:MAX_ERROR])
+    with begin(engine) as conn:
+        attempts = conn.execute(
+            sa.select(Event.attempts).where(
+                Event.event_id == event_id, Event.delivered_at.is_(None)
             )
-    except DBAPIError as exc:
-        raise unavailable(exc, engine) from exc
+        ).scalar()
+        if attempts is None:
+            return None
+        next_attempt = now + backoff(int(attempts))
+        conn.execute(
+            sa.update(Event)
+            .where(Event.event_id == event_id, Event.delivered_at.is_(None))
+            .values(next_attempt_at=next_attempt, last_error=error[:MAX_ERROR])
+        )
     return next_attempt

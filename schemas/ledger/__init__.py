@@ -1,0 +1,127 @@
+"""The ledger: the SQL tables that are the truth about every run and item, and the only
+code that moves an item from one status to another.
+
+Callers write ``from skufleet.schemas import ledger`` and ``ledger.claim(...)``; the parts:
+
+- ``engine``: the engine, the schema check, and the one edge where database errors become
+  LedgerUnavailable (:func:`translated`, :func:`begin`, :func:`connect`);
+- ``transitions``: the item state machine as a table of named moves, which every
+  status-changing statement reads;
+- ``columns``: the column lists of ``items`` the statements share;
+- ``intake``: a run and a catalogue's items merged into it (producer);
+- ``queueing``: pending items onto the queue, committed before they are published, and back;
+- ``claims``: claiming items and settling them, fenced by attempt (workers);
+- ``runs``: finding, cancelling, retrying and completing a run (operations);
+- ``recovery``: expired leases and lost messages (the reconciler);
+- ``reports``: counts, failure reasons and the manifest;
+- ``outbox``: webhook events, recorded first and delivered after (``ledger.outbox``).
+
+Two calling conventions, one per module, each stated in its docstring. ``claims``,
+``queueing`` and ``outbox`` take the Engine and commit their own transactions: what a
+worker wins or settles, and what is about to be published, is committed at once. ``intake``,
+``runs``, ``recovery`` and ``reports`` take a Connection, opened by the caller with
+``ledger.begin(engine)`` (a transaction) or ``ledger.connect(engine)`` (a read), so that one
+caller's statements commit together and database errors are translated at that one edge.
+Everywhere ``run_id`` is a run's id and ``run_name`` its name.
+"""
+
+from skufleet.schemas.ledger import outbox
+from skufleet.schemas.ledger.claims import (
+    Claim,
+    ClaimResult,
+    claim,
+    fail,
+    finish,
+    flag,
+    release,
+    renew,
+)
+from skufleet.schemas.ledger.columns import CONTENT
+from skufleet.schemas.ledger.engine import (
+    begin,
+    connect,
+    create_engine,
+    describe,
+    require_schema,
+    translated,
+    unavailable,
+    utcnow,
+)
+from skufleet.schemas.ledger.intake import ItemStaging, KeyCollision, record_enqueue, upsert_run
+from skufleet.schemas.ledger.queueing import queue_pending, unmark_queued
+from skufleet.schemas.ledger.recovery import (
+    Stranded,
+    expire_leases,
+    queued_models,
+    requeue_stale,
+)
+from skufleet.schemas.ledger.reports import (
+    RunStatus,
+    RunSummary,
+    failure_reasons,
+    finished_since,
+    list_runs,
+    manifest,
+    run_status,
+)
+from skufleet.schemas.ledger.runs import (
+    cancel_run,
+    complete_run,
+    find_run_id,
+    find_run_name,
+    finished_runs,
+    reopen_run,
+    retry_run,
+    run_settings,
+)
+from skufleet.schemas.ledger.transitions import OPEN, TERMINAL, TRANSITIONS, Transition
+
+__all__ = [
+    "CONTENT",
+    "OPEN",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Claim",
+    "ClaimResult",
+    "ItemStaging",
+    "KeyCollision",
+    "RunStatus",
+    "RunSummary",
+    "Stranded",
+    "Transition",
+    "begin",
+    "cancel_run",
+    "claim",
+    "complete_run",
+    "connect",
+    "create_engine",
+    "describe",
+    "expire_leases",
+    "fail",
+    "failure_reasons",
+    "find_run_id",
+    "find_run_name",
+    "finish",
+    "finished_runs",
+    "finished_since",
+    "flag",
+    "list_runs",
+    "manifest",
+    "outbox",
+    "queue_pending",
+    "queued_models",
+    "record_enqueue",
+    "release",
+    "renew",
+    "reopen_run",
+    "requeue_stale",
+    "require_schema",
+    "retry_run",
+    "run_settings",
+    "run_status",
+    "translated",
+    "unavailable",
+    "unmark_queued",
+    "upsert_run",
+    "utcnow",
+]
