@@ -27,7 +27,7 @@ from skufleet.schemas.errors import (
     exit_code,
 )
 from skufleet.schemas.tables import Item, ItemStatus
-from tests.conftest import BIN, EXAMPLES, Fleet, postgres_only
+from tests.fleet import BIN, EXAMPLES, Fleet, postgres_only
 
 
 def test_commands_before_db_upgrade_say_to_run_it(fleet: Fleet) -> None:

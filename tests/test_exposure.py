@@ -18,7 +18,7 @@ from skufleet.producer.flower import MIN_PASSWORD, authorized, parse_basic_auth
 from skufleet.producer.services import free_port, wait_until
 from skufleet.schemas.errors import ConfigError
 from skufleet.worker import metrics
-from tests.conftest import BIN, Fleet, postgres_only
+from tests.fleet import BIN, Fleet, postgres_only
 
 # --- Flower's login ------------------------------------------------------------------------
 

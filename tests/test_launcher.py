@@ -16,7 +16,7 @@ from skufleet.producer.services import free_port
 from skufleet.schemas.errors import DeviceError
 from skufleet.worker.launcher import DeviceSlot, child_command, parse_devices
 from skufleet.worker.tasks import EXIT_DEVICE_FAILED
-from tests.conftest import BIN, Fleet, postgres_only
+from tests.fleet import BIN, Fleet, postgres_only
 
 ROOT = Path(__file__).resolve().parent.parent
 

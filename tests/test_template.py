@@ -25,7 +25,7 @@ from skufleet.producer.template import MAX_PACK_BYTES, TemplatePack
 from skufleet.producer.tokens import count_tokens
 from skufleet.schemas.errors import ConfigError, ItemError
 from skufleet.schemas.params import aspect_size, layer
-from tests.conftest import EXAMPLES
+from tests.fleet import EXAMPLES
 
 SHIPPED = [
     ("ecommerce", "catalogue.csv"),

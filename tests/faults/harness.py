@@ -36,6 +36,7 @@ from skufleet.producer.services import (
 from skufleet.schemas import ledger
 from skufleet.schemas.tables import Item, ItemStatus
 from tests.fixtures import stand_in_worker
+from tests.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -119,6 +120,8 @@ class FaultFleet:
             "SKUFLEET_RETRY_BACKOFF_SECONDS": "0.2",
             "PYTHONPATH": str(ROOT),
         }
+        self.commands = Fleet(env=self.env, s3=s3, bucket=self.bucket, tmp_path=tmp_path)
+        """The integration tests' harness, for the commands run against this fleet."""
         self.worker_env = {**self.env, "SKUFLEET_DATABASE_URL": worker_database_url or database_url}
         """The workers' environment: their ledger may be reached through an outage proxy."""
         self.with_reconciler = reconciler
@@ -168,14 +171,8 @@ class FaultFleet:
         return total
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [str(BIN / "skufleet"), *args],
-            env=self.env,
-            cwd=self.tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        """``skufleet ARGS`` against this fleet; its output (the command must succeed)."""
+        result = self.commands.cli(*args)
         assert result.returncode == 0, f"skufleet {' '.join(args)}: {result.stderr[-3000:]}"
         return result.stdout
 

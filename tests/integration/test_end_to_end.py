@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from skufleet.producer.seed import derive_seed
 from skufleet.schemas.key import object_key
 from skufleet.schemas.tables import Item, ItemStatus, Run
-from tests.conftest import EXAMPLES, Fleet
+from tests.fleet import EXAMPLES, Fleet
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from celery import Celery
 
 from skufleet.schemas.names import TASK_RENDER, render_queue
 from skufleet.worker.transport import DEAD_LETTER_SUFFIX
-from tests.conftest import Fleet, postgres_only
 from tests.fixtures import stand_in_worker
+from tests.fleet import Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
 

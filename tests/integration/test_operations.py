@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from skufleet.producer.services import free_port, wait_until
-from tests.conftest import BIN, EXAMPLES, Fleet, postgres_only
+from tests.fleet import BIN, EXAMPLES, Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
 

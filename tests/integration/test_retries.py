@@ -7,9 +7,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from skufleet.schemas.tables import Item, ItemStatus
-from tests.conftest import Fleet, postgres_only
 from tests.fixtures import stand_in_worker
 from tests.fixtures.pipelines import POISON
+from tests.fleet import Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
 

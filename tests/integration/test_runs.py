@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from skufleet.schemas.tables import Item
-from tests.conftest import Fleet, postgres_only
+from tests.fleet import Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
 

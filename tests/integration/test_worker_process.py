@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 
 from skufleet.producer.services import free_port, wait_until
 from skufleet.schemas.tables import Item, ItemStatus
-from tests.conftest import Fleet, postgres_only
 from tests.fixtures import stand_in_worker
+from tests.fleet import Fleet, postgres_only
 
 pytestmark = pytest.mark.integration
 
