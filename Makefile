@@ -30,9 +30,9 @@ lint: $(STAMP)
 check: lint
 	$(BIN)/python -m pytest -m "not services" -q -n 2
 
-# everything, against real services; 4 processes, since most tests wait on workers and servers
+# everything, against real services; 8 processes, since most tests wait on workers and servers
 test: lint
-	$(BIN)/python -m pytest -n 4
+	$(BIN)/python -m pytest -n 8 --dist worksteal
 
 # Wheels that bench/gpu.py needs on a GPU machine with only torch and transformers
 # (pure-Python, for its Python 3.12); bench/gpu-device.sh installs them there.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from skufleet.producer import sandbox as template_module
+from skufleet.producer import sandbox as sandbox_module
 from skufleet.producer.catalogue import Catalogue, Record
 from skufleet.producer.sandbox import (
     MAX_PROMPT_CHARS,
@@ -234,10 +234,17 @@ def shot_pack(tmp_path: Path, prompt: str) -> TemplatePack:
     ],
 )
 def test_any_error_in_a_rows_template_rejects_that_row_only(
-    tmp_path: Path, prompt: str, fields: dict[str, str], error: str
+    tmp_path: Path,
+    prompt: str,
+    fields: dict[str, str],
+    error: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Whatever Python raises while a row renders becomes an ItemError (a `template` reject)
     naming the category, the text and the error; the next row renders as usual."""
+    # on a loaded machine deep recursion can outlast the wall-clock bound, which is another
+    # (tested) reason to reject: give this test the time to see the error itself
+    monkeypatch.setattr(sandbox_module, "ROW_SECONDS", 30.0)
     template = shot_pack(tmp_path, "{% if ok is defined %}fine{% else %}" + prompt + "{% endif %}")
     with pytest.raises(ItemError, match=f"category 'default', shot 'front' prompt: {error}"):
         list(template.render({"title": "x", **fields}))
@@ -310,8 +317,8 @@ def test_the_main_thread_gives_a_row_a_wall_clock_deadline(
 ) -> None:
     """With the step budget out of the way, a slow row in the main thread is stopped by its
     SIGALRM deadline; someone else's alarm timer and handler are kept and still fire."""
-    monkeypatch.setattr(template_module, "MAX_TEMPLATE_STEPS", 10**12)
-    monkeypatch.setattr(template_module, "ROW_SECONDS", 0.2)
+    monkeypatch.setattr(sandbox_module, "MAX_TEMPLATE_STEPS", 10**12)
+    monkeypatch.setattr(sandbox_module, "ROW_SECONDS", 0.2)
     template = shot_pack(
         tmp_path,
         "{% for i in range(n|int) %}{% for j in range(n|int) %}{% for k in range(n|int) %}"

@@ -65,33 +65,34 @@ def test_flower_asks_for_credentials_on_every_endpoint(fleet: Fleet) -> None:
             assert get(base + path, auth)[0] == 200, path
 
 
+def small_catalogue(fleet: Fleet, rows: int = 3) -> str:
+    """The first ``rows`` products of the example catalogue (two shots each)."""
+    lines = (EXAMPLES / "catalogue.csv").read_text().splitlines()
+    path = fleet.tmp_path / "small.csv"
+    path.write_text("\n".join(lines[: rows + 1]) + "\n")
+    return str(path)
+
+
 @postgres_only
 def test_metrics_show_queues_items_and_device_rates(fleet: Fleet) -> None:
     """The metrics endpoint reports queue depth per model queue, items by status per run,
     and images/s per device once a worker has rendered."""
     assert fleet.cli("db", "upgrade").returncode == 0
     fleet.cli_json(
-        "enqueue",
-        str(EXAMPLES / "catalogue.csv"),
-        "--run",
-        "m",
-        "--model",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--json",
-    )
+        "enqueue", small_catalogue(fleet, 4), "--run", "m", "--model", "tiny",
+        "--batch-size", "4", "--json",
+    )  # fmt: skip
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     with fleet.background(str(BIN / "skufleet"), "metrics", "--port", str(port)):
         wait_until(lambda: listening(url), 60, "the metrics endpoint")
         text = get(url)[1].decode()
         queue = f'skufleet_queue_messages{{model="tiny",queue="{fleet.settings.queue_prefix}'
-        assert f'{queue}.render.tiny"}} 10.0' in text  # 40 items in messages of 4
-        assert 'skufleet_items{run="m",status="queued"} 40.0' in text
+        assert f'{queue}.render.tiny"}} 2.0' in text  # 8 items in messages of 4
+        assert 'skufleet_items{run="m",status="queued"} 8.0' in text
         assert fleet.worker("--model", "tiny", "--devices", "cpu", "--burst").returncode == 0
         text = get(url)[1].decode()
-        assert 'skufleet_items{run="m",status="succeeded"} 40.0' in text
+        assert 'skufleet_items{run="m",status="succeeded"} 8.0' in text
         assert 'skufleet_images_per_second{device="cpu"' in text
         assert f'{queue}.render.tiny"}} 0.0' in text
 
@@ -101,14 +102,12 @@ def test_presigned_urls_read_the_private_bucket_without_credentials(fleet: Fleet
     """`skufleet presign` gives one URL per image; a plain HTTP GET of it returns the very
     bytes the ledger recorded, while the same object without a signature is refused."""
     assert fleet.cli("db", "upgrade").returncode == 0
-    fleet.cli_json(
-        "enqueue", str(EXAMPLES / "catalogue.csv"), "--run", "p", "--model", "tiny", "--json"
-    )
+    fleet.cli_json("enqueue", small_catalogue(fleet), "--run", "p", "--model", "tiny", "--json")
     assert fleet.worker("--model", "tiny", "--devices", "cpu", "--burst").returncode == 0
     result = fleet.cli("presign", "p", "--expires", "600")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(records) == 40
+    assert len(records) == 6
     listed = fleet.cli("manifest", "p")
     manifest = {r["key"]: r for r in map(json.loads, listed.stdout.splitlines())}
     for record in records[:5]:
