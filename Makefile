@@ -28,7 +28,7 @@ lint: $(STAMP)
 
 # the fast tier, while working: no Redis, PostgreSQL or S3 needed
 check: lint
-	$(BIN)/python -m pytest -m "not services" -q -n 2
+	$(BIN)/python -m pytest -m "not services" -q -n 4
 
 # everything, against real services; 8 processes, since most tests wait on workers and servers
 test: lint

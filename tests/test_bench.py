@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.services  # the benchmark talks to PostgreSQL and Redis itself
 def test_enqueue_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     """bench/enqueue.py measures skufleet and the naive producer and records the figures."""
     result = subprocess.run(

@@ -25,6 +25,10 @@ QUEUE = "skufleet.render.tiny"
 PAYLOAD = RenderPayload(run_id=1, model="tiny", item_ids=[1])
 
 
+# these start a private redis-server and reach PostgreSQL: not for the fast tier
+pytestmark = pytest.mark.services
+
+
 @contextmanager
 def resetting(port: int) -> Iterator[None]:
     """Accept each connection on ``port`` and reset it at once, as a Redis being killed

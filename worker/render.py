@@ -75,10 +75,15 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclass
 class Outcome:
-    """What :meth:`Renderer.handle` did with a message (storing continues in the background)."""
+    """What :meth:`Renderer.handle` did with a message (storing continues in the background).
+
+    Every result of a message is data here; ``handle`` raises only :class:`Stopping`, when
+    the process stops while the ledger or storage is away."""
 
     claimed: int = 0
     drawn: int = 0
+    refused: str | None = None
+    """Why the message was not rendered at all (it does not match the ledger or this worker)."""
     fatal: FatalError | None = None
     """Set when the device cannot go on; its items were handed back to the fleet."""
 
@@ -131,9 +136,11 @@ class Renderer:
     def handle(self, payload: RenderPayload) -> Outcome:
         outcome = Outcome()
         if payload.model != self.pipeline.model:
-            raise ItemError(
+            outcome.refused = (
                 f"message for model {payload.model!r} reached a worker of {self.pipeline.model!r}"
             )
+            log.warning("refusing a message for run %s: %s", payload.run_id, outcome.refused)
+            return outcome
         # 1. claim: one compare-and-set UPDATE of the message's run's items, if that run is
         # drawn with our model; render only what we won, with what the ledger says
         # (while the ledger or storage is down the message waits here: no new work is taken,
@@ -154,6 +161,7 @@ class Renderer:
             except LedgerUnavailable as exc:
                 self.services.ledger_breaker.trip(exc)
         if result.refused is not None:
+            outcome.refused = result.refused
             log.warning(
                 "refusing a message for run %s on a worker of model %r: %s",
                 payload.run_id,

@@ -10,7 +10,7 @@ from celery.exceptions import Reject
 from celery.worker import state
 from pydantic import ValidationError
 
-from skufleet.schemas.errors import EXIT_DEVICE_FAILED, ItemError, RetryableError, Stopping
+from skufleet.schemas.errors import EXIT_DEVICE_FAILED, RetryableError, Stopping
 from skufleet.schemas.names import TASK_RENDER
 from skufleet.schemas.params import RenderPayload
 from skufleet.worker.render import Renderer, Requeue, backoff
@@ -65,9 +65,6 @@ def register_render(app: Celery, renderer: Renderer) -> Task:
         # 2. render; the renderer waits out outages of the ledger and storage itself
         try:
             outcome = renderer.handle(request)
-        except ItemError as exc:
-            log.error("dropping message: %s", exc)
-            return {}
         except Stopping as exc:
             # shutting down while the ledger or storage is away: the message goes back
             log.warning("handing message %s back to the queue: %s", self.request.id, exc)
