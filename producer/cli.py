@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
+from skufleet import __version__
 from skufleet.producer import cli_fleet
 from skufleet.producer.console import (
     err,
@@ -49,21 +50,39 @@ from skufleet.schemas.names import SCHEDULERS
 from skufleet.schemas.params import DEFAULT_BATCH_SIZE
 from skufleet.schemas.settings import Settings, load_settings
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     help="Turn catalogues into Stable Diffusion images on a Celery fleet.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    context_settings=HELP_OPTIONS,
 )
-db_app = typer.Typer(help="Ledger database commands.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Ledger database commands.", no_args_is_help=True, context_settings=HELP_OPTIONS
+)
 app.add_typer(db_app, name="db")
 
 RATE_WINDOW = timedelta(seconds=60)
 """Items/s in `skufleet status` counts the items finished within this window."""
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        print(f"skufleet {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(ctx: typer.Context) -> None:
+def _main(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """Settings are read from SKUFLEET_* variables once, here, and passed down."""
     try:
         ctx.obj = load_settings()
@@ -282,6 +301,8 @@ def status(
                 time.sleep(2)
                 view, current = _status_view(engine, run)
                 live.update(view)
+    if current.counts["failed"]:
+        raise typer.Exit(1)  # the run finished with failures
 
 
 @app.command()

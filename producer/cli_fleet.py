@@ -174,7 +174,7 @@ def generate(
     with reported():
         model = model or settings.model
         overrides = parse_overrides(model, size, steps=steps)
-        paths = run_generate(
+        generated = run_generate(
             settings,
             ledger_engine(settings),
             prompt,
@@ -187,8 +187,10 @@ def generate(
             timeout=timeout,
             console=err,
         )
-    for path in paths:
+    for path in generated.paths:
         print(path)  # one path a line, unwrapped, for scripts
+    if generated.missing:
+        raise typer.Exit(1)  # finished with failures: the exit-code policy of every command
 
 
 def reconcile(

@@ -27,7 +27,7 @@ from skufleet.producer.seed import derive_seed
 from skufleet.producer.template import Rendered, TemplatePack
 from skufleet.producer.tokens import count_tokens
 from skufleet.schemas import ledger
-from skufleet.schemas.errors import ConfigError, ItemError
+from skufleet.schemas.errors import ConfigError, ItemError, NothingAccepted
 from skufleet.schemas.key import check_run_name
 from skufleet.schemas.names import render_queue
 from skufleet.schemas.params import DEFAULT_BATCH_SIZE, Layered, RenderPayload, layer
@@ -329,6 +329,13 @@ def enqueue(
             if progress is not None:
                 progress("read", stager.tally.read)
         stager.reject_collisions(*staging.drop_collisions())
+        if stager.tally.accepted == 0:  # leaving the block rolls the run back: none is made
+            tally = stager.tally
+            raise NothingAccepted(
+                f"no record of {request.catalogue} was accepted ({tally.read:,} read, "
+                f"{tally.rejected:,} rejected, {tally.duplicates:,} duplicates): nothing was "
+                f"enqueued and run {request.run!r} was not created or changed"
+            )
         summary.new, summary.changed, summary.in_flight = staging.merge()
 
     tally = stager.tally

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ from skufleet.schemas.tables import ItemStatus
 MAX_IMAGES = 64
 
 
+@dataclass(frozen=True)
+class Generated:
+    paths: list[Path]
+    """The images saved, one per item that succeeded."""
+    missing: int
+    """Images that failed or were cancelled: the command then exits 1."""
+
+
 def generate(
     settings: Settings,
     engine: Engine,
@@ -45,7 +54,7 @@ def generate(
     out_dir: Path,
     timeout: float,
     console: Console,
-) -> list[Path]:
+) -> Generated:
     """Queue ``count`` images of ``prompt`` (seeds ``seed``, ``seed + 1``, …), wait for the
     fleet to draw them, and save them in ``out_dir``; returns their paths."""
     if not 1 <= count <= MAX_IMAGES:
@@ -114,4 +123,4 @@ def generate(
         )
     if counts[ItemStatus.CANCELLED]:
         console.print(f"{counts[ItemStatus.CANCELLED]} of {count} images were cancelled")
-    return paths
+    return Generated(paths, count - len(paths))

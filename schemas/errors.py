@@ -57,6 +57,11 @@ class SkufleetError(Exception):
     exit_code: ClassVar[int] = EXIT_FAILED
 
 
+class NothingAccepted(SkufleetError):
+    """No record of a catalogue was accepted: no run is created or changed (exit 1, the
+    rejects say why)."""
+
+
 class ConfigError(SkufleetError):
     """A setting or argument is invalid; the message names it and the bad value."""
 
