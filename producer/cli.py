@@ -57,6 +57,9 @@ app = typer.Typer(
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     context_settings=HELP_OPTIONS,
+    # help text is plain: "[pack/model default]" and "[SKUFLEET_MODEL]" must not be read
+    # as Rich markup and vanish
+    rich_markup_mode=None,
 )
 db_app = typer.Typer(
     help="Ledger database commands.", no_args_is_help=True, context_settings=HELP_OPTIONS
@@ -306,13 +309,27 @@ def status(
 
 
 @app.command()
-def runs(ctx: typer.Context) -> None:
+def runs(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per run.")] = False,
+) -> None:
     """Every run with its progress, newest first."""
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
         with ledger.connect(engine) as conn:
             found = ledger.list_runs(conn)
+    if as_json:
+        for run in found:
+            line = {
+                **run.status.as_dict(),
+                "model": run.model,
+                "pack": run.template,
+                "created": run.created_at.isoformat(),
+                "cancelled": run.cancelled,
+            }
+            print(json.dumps(line, ensure_ascii=False))
+        return
     table = Table(box=None)
     for name in ("run", "state", "succeeded", "failed", "open", "model", "pack", "created"):
         numeric = name in ("succeeded", "failed", "open")
@@ -339,13 +356,20 @@ def runs(ctx: typer.Context) -> None:
 
 
 @app.command()
-def cancel(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run name.")]) -> None:
+def cancel(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the count as JSON.")] = False,
+) -> None:
     """Stop a run: its pending and queued items are cancelled and skipped by the workers."""
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
         with ledger.begin(engine) as conn:
             cancelled = ledger.cancel_run(conn, ledger.find_run_id(conn, run))
+    if as_json:
+        print(json.dumps({"run": run, "cancelled": cancelled}, ensure_ascii=False))
+        return
     out.print(f"run {escape(run)}: {cancelled:,} items cancelled; running items finish")
 
 

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
                 "read_timeout": 60,
                 # S3-compatible servers (MinIO, SeaweedFS) are addressed by path, not DNS
                 "s3": {"addressing_style": "path" if self.s3_endpoint_url else "auto"},
+                # SigV4 for every request and presigned URL: AWS refuses SigV2 for buckets
+                # created since 2020, and downstream systems get URLs that work everywhere
+                "signature_version": "s3v4",
             },
         )
 

@@ -72,9 +72,15 @@ def test_generate_exits_1_when_an_image_fails(fleet: Fleet) -> None:
 
 
 def test_version_and_short_help() -> None:
-    """`--version` prints the installed version; `-h` is `--help` on every command."""
+    """`--version` prints the installed version; `-h` is `--help` on every command, and
+    the help shows every default."""
     version = subprocess.run([str(BIN / "skufleet"), "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("skufleet ")
     for args in ([], ["enqueue"], ["db"]):
         shown = subprocess.run([str(BIN / "skufleet"), *args, "-h"], capture_output=True, text=True)
         assert shown.returncode == 0 and "Usage:" in shown.stdout, args
+    # defaults stay visible: bracketed text in help is not read as markup
+    enqueue = subprocess.run(
+        [str(BIN / "skufleet"), "enqueue", "-h"], capture_output=True, text=True
+    )
+    assert "WxH [pack/model default]" in enqueue.stdout and "[default: 8]" in enqueue.stdout

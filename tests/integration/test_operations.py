@@ -108,6 +108,9 @@ def test_presigned_urls_read_the_private_bucket_without_credentials(fleet: Fleet
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 6
+    # SigV4 (AWS refuses the old scheme for buckets made since 2020), not SigV2's Signature=
+    assert all("X-Amz-Algorithm=AWS4-HMAC-SHA256" in r["url"] for r in records)
+    assert not any("&Signature=" in r["url"] or "?Signature=" in r["url"] for r in records)
     listed = fleet.cli("manifest", "p")
     manifest = {r["key"]: r for r in map(json.loads, listed.stdout.splitlines())}
     for record in records[:5]:
