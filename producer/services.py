@@ -31,6 +31,8 @@ from typing import ClassVar
 from skufleet.schemas.errors import ConfigError
 
 READY_TIMEOUT = 60.0
+STARTS = 3
+"""Tries to start a server whose free ports another process took first."""
 
 
 def free_port() -> int:
@@ -252,7 +254,22 @@ class LocalS3(Service):
             )
         )
         identities.chmod(0o600)
-        data = self.directory / "data"
+        # free_port() only finds a port free now: another process starting servers at the
+        # same moment may take one first, and then weed exits; start again on new ports
+        for attempt in range(STARTS):
+            try:
+                self._start_once(
+                    identities, self.directory / ("data" if not attempt else f"data-{attempt}")
+                )
+                return self
+            except ConfigError:
+                self.kill()
+                if attempt == STARTS - 1:
+                    raise
+                self.port = free_port()
+        return self
+
+    def _start_once(self, identities: Path, data: Path) -> None:
         data.mkdir(exist_ok=True)
         ports = {
             name: free_port()
@@ -287,7 +304,6 @@ class LocalS3(Service):
             ]
         )
         wait_until(self.ready, READY_TIMEOUT, "SeaweedFS", self.process, self.log_path)
-        return self
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
