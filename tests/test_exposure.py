@@ -162,8 +162,17 @@ def test_skufleet_worker_serves_each_devices_metrics_on_loopback_only(fleet: Fle
 
 
 def sleeper() -> subprocess.Popen[bytes]:
-    """An unrelated process, leading its own process group as the demo's processes do."""
-    return subprocess.Popen(["sleep", "60"], start_new_session=True)
+    """An unrelated process, leading its own process group as the demo's processes do; it
+    is returned once /proc shows it as ``sleep 60`` (on a busy machine that can lag)."""
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = demo.identity(process.pid)
+        if found is not None and found.cmdline == ["sleep", "60"]:
+            return process
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("sleep 60 did not start")
 
 
 def stop_demo(directory: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
