@@ -1,4 +1,4 @@
-"""The full fault-injection suite: RELIABILITY.md's scenarios at scale, figures recorded.
+"""The full fault-injection suite: the README's Reliability scenarios at scale, figures recorded.
 
     python bench/faults.py
 

@@ -16,6 +16,7 @@ from skufleet.schemas import ledger
 from skufleet.schemas.ledger.transitions import INITIAL, OPEN, TERMINAL, TRANSITIONS, Transition
 from skufleet.schemas.params import GenerationParams
 from skufleet.schemas.tables import Item, ItemStatus
+from tests.test_ledger import item
 
 QUEUED, FAILED = ItemStatus.QUEUED, ItemStatus.FAILED
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
@@ -113,7 +114,7 @@ def one_per_status(engine: sa.Engine) -> tuple[int, list[int]]:
     with ledger.begin(engine) as conn:
         run_id = ledger.upsert_run(conn, "t", "tiny", 1, "ecommerce", {})
         staging = ledger.ItemStaging(conn, run_id)
-        staging.add([row(status.value, "p") for status in ItemStatus])
+        staging.add([item(status.value, "p") for status in ItemStatus])
         staging.merge()
         for status in ItemStatus:
             conn.execute(
@@ -131,18 +132,6 @@ def one_per_status(engine: sa.Engine) -> tuple[int, list[int]]:
             )
         ids = list(conn.execute(sa.select(Item.id).order_by(Item.id)).scalars())
     return run_id, ids
-
-
-def row(sku: str, prompt: str) -> dict[str, Any]:
-    return {
-        "sku": sku,
-        "shot": "main",
-        "prompt": prompt,
-        "negative_prompt": "",
-        "output": "{}",
-        "seed": 1,
-        **GenerationParams().model_dump(),
-    }
 
 
 def items(engine: sa.Engine) -> dict[str, tuple[ItemStatus, Any]]:
@@ -197,7 +186,7 @@ def restage(engine: sa.Engine, run_id: int, _ids: list[int]) -> object:
     """Enqueue the run again with every item's prompt changed."""
     with ledger.begin(engine) as conn:
         staging = ledger.ItemStaging(conn, run_id)
-        staging.add([row(status.value, "a new prompt") for status in ItemStatus])
+        staging.add([item(status.value, "a new prompt") for status in ItemStatus])
         return staging.merge()
 
 

@@ -4,7 +4,7 @@ stand-in worker processes, and the reconciler, each a separate process.
 The workers run the real worker code (Celery, ledger, storage, background storing) around a
 stand-in pipeline that sleeps and draws a flat colour (tests/fixtures). Faults are real: a
 SIGKILL, a broker killed and restarted, PUTs answered 503 or cut off, database connections
-terminated. After each scenario :meth:`FaultFleet.invariants` checks RELIABILITY.md's
+terminated. After each scenario :meth:`FaultFleet.invariants` checks the README's
 invariants and returns the figures the scenario prints.
 """
 

@@ -1,4 +1,5 @@
-"""RELIABILITY.md's scenarios: real faults against a real fleet, invariants checked after each.
+"""The fault scenarios of the README's Reliability section: real faults against a real
+fleet, invariants checked after each.
 
 Each test prints a ``FAULTS {...}`` line with its figures. The CI runs the short version;
 ``python bench/faults.py`` runs the long one (SKUFLEET_FAULTS=full) and records the figures.
