@@ -74,12 +74,15 @@ class Fleet:
         """A long-running process (a server, a listening worker) in its own process group,
         stopped with SIGTERM when the block ends; one that takes longer than ``grace``
         seconds to stop is killed, and fails the test."""
-        process = spawn_group(command, log=None, env=env or self.env, cwd=self.tmp_path)
+        started = len(list(self.tmp_path.glob("*.log")))
+        log = self.tmp_path / f"{Path(command[0]).name}-{started}.log"
+        process = spawn_group(command, log=log, env=env or self.env, cwd=self.tmp_path)
         try:
             yield process
         finally:
             stopped = stop_group(process, grace)
-        assert stopped, f"{command[0]} did not stop within {grace}s of SIGTERM"
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        assert stopped, f"{command[0]} did not stop within {grace}s of SIGTERM; its log:\n{tail}"
 
     def cli_json(self, *args: str) -> dict[str, Any]:
         result = self.cli(*args)

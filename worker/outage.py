@@ -8,8 +8,10 @@ ledger, and every call the renderer makes to either goes through it:
 - :meth:`Services.upload` waits out a storage outage with the image in memory, and checks
   that the item is still the worker's before it writes the object;
 - :meth:`Services.wait` holds a new message back while either service is down;
-- a lease keeper renews the leases of drawn items waiting for storage, so the reconciler
-  does not hand them to another worker to draw again.
+- a lease keeper renews the leases of drawn items until they are stored (behind a busy
+  uploader, a slow disk or a storage outage), so the reconciler never hands a drawn image to
+  another worker to draw again; an item still drawing is not renewed, so a hung device still
+  loses its lease.
 
 When the process stops, :meth:`Services.interrupt` releases every waiter with
 :class:`~schemas.errors.Stopping`, so shutdown never waits for an outage to end.
@@ -45,7 +47,7 @@ class Services:
         self.storage_breaker = Breaker("storage", storage.probe)
         self.ledger_breaker = Breaker("ledger", self._ping_ledger)
         self._held: dict[int, ledger.Claim] = {}
-        """Drawn items waiting to be stored, whose leases are renewed while storage is down."""
+        """Drawn items waiting to be stored, whose leases the lease keeper renews."""
         self._held_lock = threading.Lock()
         threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True).start()
 
@@ -65,7 +67,7 @@ class Services:
                 raise Stopping(f"the worker is stopping while {breaker.name} is unavailable")
 
     def hold(self, claims: Sequence[ledger.Claim]) -> None:
-        """These drawn items wait to be stored: keep their leases while storage is down."""
+        """These drawn items wait to be stored: keep their leases until they are."""
         with self._held_lock:
             self._held.update((claim.id, claim) for claim in claims)
 
@@ -120,7 +122,7 @@ class Services:
         interval = max(0.5, self.settings.lease_seconds / 3)
         while True:
             time.sleep(interval)
-            if not self.storage_breaker.is_open or self.ledger_breaker.is_open:
+            if self.ledger_breaker.is_open:
                 continue
             with self._held_lock:
                 held = list(self._held.values())
