@@ -13,7 +13,8 @@ Callers write ``from skufleet.schemas import ledger`` and ``ledger.claim(...)``;
 - ``claims``: claiming items and settling them, fenced by attempt (workers);
 - ``runs``: finding, cancelling, retrying and completing a run (operations);
 - ``recovery``: expired leases and lost messages (the reconciler);
-- ``reports``: counts, failure reasons and the manifest;
+- ``reports``: counts and failure reasons;
+- ``manifest``: the records of a run's manifest;
 - ``outbox``: webhook events, recorded first and delivered after (``ledger.outbox``).
 
 Two calling conventions, one per module, each stated in its docstring. ``claims``,
@@ -48,6 +49,7 @@ from skufleet.schemas.ledger.engine import (
     utcnow,
 )
 from skufleet.schemas.ledger.intake import ItemStaging, KeyCollision, record_enqueue, upsert_run
+from skufleet.schemas.ledger.manifest import manifest
 from skufleet.schemas.ledger.queueing import queue_pending, unmark_queued
 from skufleet.schemas.ledger.recovery import (
     Stranded,
@@ -61,7 +63,6 @@ from skufleet.schemas.ledger.reports import (
     failure_reasons,
     finished_since,
     list_runs,
-    manifest,
     run_status,
 )
 from skufleet.schemas.ledger.runs import (

@@ -1,4 +1,4 @@
-"""What the ledger tells people and downstream systems: counts, failures, the manifest.
+"""What the ledger tells people: counts and failures (the manifest is in ``manifest``).
 
 Calling convention: every function takes a Connection from the caller, opened with
 ``ledger.connect(engine)`` (so database failures are raised as LedgerUnavailable), and
@@ -7,7 +7,6 @@ only reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,8 +14,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from skufleet.schemas.errors import ConfigError
-from skufleet.schemas.ledger.columns import PARAMS, columns
 from skufleet.schemas.ledger.runs import find_run_id
 from skufleet.schemas.ledger.transitions import TERMINAL
 from skufleet.schemas.tables import Item, ItemStatus, Run
@@ -128,29 +125,3 @@ def failure_reasons(conn: Connection, run_name: str, limit: int = 10) -> list[tu
         reason = (error or "no error recorded").splitlines()[0][:160]
         reasons[reason] = reasons.get(reason, 0) + 1
     return sorted(reasons.items(), key=lambda pair: (-pair[1], pair[0]))[:limit]
-
-
-def manifest(conn: Connection, run_name: str) -> Iterator[dict[str, Any]]:
-    """One record per succeeded item of the run, in item order, streamed from the database:
-    run, sku, shot, key, seed, sha256, bytes, prompt, negative_prompt, width, height, steps,
-    guidance_scale, scheduler, model."""
-    run = conn.execute(sa.select(Run.id, Run.model).where(Run.name == run_name)).first()
-    if run is None:
-        raise ConfigError(f"no run named {run_name!r} in the ledger")
-    rows = conn.execution_options(yield_per=1000).execute(
-        sa.select(
-            Item.sku,
-            Item.shot,
-            Item.object_key.label("key"),
-            Item.seed,
-            Item.sha256,
-            Item.byte_size.label("bytes"),
-            Item.prompt,
-            Item.negative_prompt,
-            *columns(PARAMS),
-        )
-        .where(Item.run_id == run.id, Item.status == ItemStatus.SUCCEEDED)
-        .order_by(Item.id)
-    )
-    for row in rows:
-        yield {"run": run_name, **row._asdict(), "model": run.model}
