@@ -12,6 +12,10 @@ Memory stays constant whatever the file holds: a physical line, a record or a fi
 that is not a CSV at all (a directory, a PNG, a gzip or zip file, UTF-16 text, old Mac line
 endings) is refused at once with one line saying what it is. The bytes-to-lines side of both
 is :mod:`skufleet.producer.lines`; this module turns lines into checked records.
+
+Fields are separated by commas, semicolons (what spreadsheets write where the comma is the
+decimal mark), tabs or pipes: the one the header line uses most is taken, unless the caller
+names one (``--delimiter``).
 """
 
 from __future__ import annotations
@@ -28,9 +32,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skufleet.producer.lines import HEAD_BYTES, MAX_LINE_BYTES, Lines, RecordTooLong, not_csv
+from skufleet.producer.lines import (
+    DELIMITERS,
+    HEAD_BYTES,
+    MAX_LINE_BYTES,
+    Lines,
+    RecordTooLong,
+    detect_delimiter,
+    not_csv,
+)
 from skufleet.producer.paths import file_kind
-from skufleet.schemas.errors import CatalogueError
+from skufleet.schemas.errors import CatalogueError, ConfigError
 
 REQUIRED_COLUMNS = ("sku", "title")
 MAX_FIELD_CHARS = 4000
@@ -53,6 +65,24 @@ _BAD_IN_SKU = {
 }
 """Unicode general categories a SKU may not hold: invisible, or read differently by the
 systems a SKU travels through (spreadsheets, S3 keys, logs)."""
+
+
+_DELIMITER_NAMES = {
+    **{name: char for char, name in DELIMITERS.items()},
+    **{char: char for char in DELIMITERS},
+    "\\t": "\t",
+}
+
+
+def parse_delimiter(value: str, flag: str = "--delimiter") -> str:
+    """A delimiter given by name (``comma``, ``semicolon``, ``tab``, ``pipe``) or as itself
+    (``,`` ``;`` ``|``, a tab or ``\\t``)."""
+    try:
+        return _DELIMITER_NAMES[value.strip().lower() or value]
+    except KeyError:
+        raise ConfigError(
+            f"{flag} must be comma, semicolon, tab or pipe (or , ; | \\t), got {value!r}"
+        ) from None
 
 
 # A record (and so a field) over MAX_LINE_BYTES is stopped by Lines first; the parser's own
@@ -123,7 +153,9 @@ class Catalogue:
     """Iterate over a CSV catalogue's records, accepted ones as :class:`Record`, others as
     :class:`Reject`. The header is read and checked when the object is created.
 
-    ``columns`` maps skufleet's names to the catalogue's headers (``{"sku": "ItemID"}``).
+    ``columns`` maps skufleet's names to the catalogue's headers (``{"sku": "ItemID"}``);
+    ``delimiter`` is one of :data:`~skufleet.producer.lines.DELIMITERS`, or None to take the
+    one the header line uses (:func:`~skufleet.producer.lines.detect_delimiter`).
     When a record that spans several physical lines is rejected for its structure (a stray
     quote makes the following lines part of it), only its first line is consumed: parsing
     resumes on the next line, so the records a stray quote swallowed are still read.
@@ -137,6 +169,7 @@ class Catalogue:
         required: Sequence[str] = REQUIRED_COLUMNS,
         max_field_chars: int = MAX_FIELD_CHARS,
         columns: Mapping[str, str] | None = None,
+        delimiter: str | None = None,
     ) -> None:
         self.path = path
         self.max_field_chars = max_field_chars
@@ -157,13 +190,22 @@ class Catalogue:
             self._raw = open(path, "rb")  # noqa: SIM115 - closed by close() / __exit__
         except OSError as exc:
             raise CatalogueError(f"cannot open catalogue {path}: {exc}") from exc
-        problem = not_csv(self._raw.read(HEAD_BYTES))
+        head = self._raw.read(HEAD_BYTES)
+        problem = not_csv(head)
         if problem:
             self.close()
             raise CatalogueError(f"catalogue {path} {problem}")
+        if delimiter is not None and delimiter not in DELIMITERS:
+            self.close()
+            raise CatalogueError(f"delimiter {delimiter!r} is not one of {''.join(DELIMITERS)!r}")
+        self.detected = delimiter is None
+        """Whether the delimiter was taken from the header line rather than given."""
+        self.delimiter = delimiter or detect_delimiter(
+            head.split(b"\n", 1)[0].decode(self.encoding, "replace")
+        )
         self._raw.seek(0)
         self._lines = Lines(self._raw, self.encoding)
-        self._reader = csv.reader(self._lines, strict=True)
+        self._reader = csv.reader(self._lines, delimiter=self.delimiter, strict=True)
         try:
             header = next(self._reader)
         except StopIteration:
@@ -179,10 +221,14 @@ class Catalogue:
         missing = [name for name in required if name not in self.columns]
         if missing:
             self.close()
+            split = DELIMITERS[self.delimiter] + "s"
+            if self.detected:
+                split += ", the header's" if len(header) > 1 else ": the header has no delimiter"
             raise CatalogueError(
                 f"catalogue {path} has no column {', '.join(map(repr, missing))}; "
-                f"columns found: {', '.join(map(repr, self.columns))}"
+                f"columns found: {', '.join(map(repr, self.columns))} (split at {split})"
                 + ("" if columns else "; map other headers with --column NAME=HEADER")
+                + ("; name the delimiter with --delimiter" if len(self.columns) == 1 else "")
             )
 
     def _map_header(self, header: list[str], mapping: Mapping[str, str]) -> list[str]:
@@ -226,7 +272,7 @@ class Catalogue:
     def _resume_after(self, line: int) -> None:
         """Parse again from the physical line after ``line``, the first line of a bad record."""
         self._lines.seek(self._lines.resume_offset, line)
-        self._reader = csv.reader(self._lines, strict=True)
+        self._reader = csv.reader(self._lines, delimiter=self.delimiter, strict=True)
 
     def __iter__(self) -> Iterator[Record | Reject]:
         seen: set[bytes] = set()  # 8-byte digests of SKUs: ~60 MB per million SKUs

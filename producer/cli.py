@@ -3,7 +3,8 @@
 The app and the commands of a run's life (``db upgrade``, ``enqueue``, ``status``, ``runs``,
 ``cancel``, ``retry``) are here; the commands around runs live in
 :mod:`skufleet.producer.cli_fleet`, the helpers every command shares in
-:mod:`skufleet.producer.console`.
+:mod:`skufleet.producer.console`, and what ``status`` and ``runs`` show in
+:mod:`skufleet.producer.status`.
 """
 
 from __future__ import annotations
@@ -11,24 +12,19 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
 )
 from rich.table import Table
-from sqlalchemy.engine import Engine
 
 from skufleet import __version__
 from skufleet.producer import cli_fleet
@@ -65,9 +61,6 @@ db_app = typer.Typer(
     help="Ledger database commands.", no_args_is_help=True, context_settings=HELP_OPTIONS
 )
 app.add_typer(db_app, name="db")
-
-RATE_WINDOW = timedelta(seconds=60)
-"""Items/s in `skufleet status` counts the items finished within this window."""
 
 
 def _version(shown: bool) -> None:
@@ -135,17 +128,28 @@ def enqueue(
         int | None, typer.Option(help="Shrink images so the longer side fits (thumbnails).")
     ] = None,
     encoding: Annotated[str, typer.Option(help="Catalogue text encoding.")] = "utf-8",
+    delimiter: Annotated[
+        str | None,
+        typer.Option(help="Field delimiter: comma, semicolon, tab or pipe [the header's]."),
+    ] = None,
     rejects: Annotated[
         Path | None,
         typer.Option(help="Write rejected records and too-long prompts here as JSON Lines."),
     ] = None,
+    prune: Annotated[
+        bool,
+        typer.Option(help="Delete the objects of the run's retired items from the bucket."),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Read a catalogue, record its items in the ledger and queue them for rendering.
 
     Enqueuing a run again with an updated catalogue renders only new items and items whose
-    prompt or parameters changed.
+    prompt or parameters changed; the items of SKUs it no longer has are retired (their
+    objects are kept unless --prune is given).
     """
+    from skufleet.producer.bucket import Bucket
+    from skufleet.producer.catalogue import parse_delimiter
     from skufleet.producer.enqueue import EnqueueRequest
     from skufleet.producer.enqueue import enqueue as run_enqueue
     from skufleet.producer.paths import check_output, open_output
@@ -165,6 +169,7 @@ def enqueue(
             model=model,
             seed=seed,
             batch_size=batch_size,
+            prune=prune,
             pack=pack,
             overrides=parse_overrides(
                 model,
@@ -177,6 +182,7 @@ def enqueue(
                 max_side=max_side,
             ),
             encoding=encoding,
+            delimiter=parse_delimiter(delimiter) if delimiter is not None else None,
         )
         engine = ledger_engine(settings)
         with contextlib.ExitStack() as stack:
@@ -208,6 +214,7 @@ def enqueue(
                 queue_prefix=settings.queue_prefix,
                 report=sink,
                 progress=progress,
+                bucket=Bucket(settings) if prune else None,
             )
     if as_json:
         print(json.dumps(summary.as_dict()))
@@ -223,6 +230,10 @@ def enqueue(
         "changed",
         "unchanged",
         "in_flight",
+        "missing",
+        "retired",
+        "revived",
+        *(("pruned",) if prune else ()),
         "long_prompts",
         "enqueued",
         "messages",
@@ -243,68 +254,51 @@ def enqueue(
             f"  {summary.in_flight:,} changed items are rendering now with their old "
             "content; enqueue again once they finish"
         )
-
-
-def _status_view(engine: Engine, run: str) -> tuple[Group, ledger.RunStatus]:
-    with ledger.connect(engine) as conn:
-        status = ledger.run_status(conn, run)
-        recent = ledger.finished_since(conn, run, ledger.utcnow() - RATE_WINDOW)
-        reasons = ledger.failure_reasons(conn, run)
-    rate = recent / RATE_WINDOW.total_seconds()
-    remaining = status.total - status.done
-    eta = (
-        f"{timedelta(seconds=round(remaining / rate))}"
-        if rate and remaining
-        else ("done" if not remaining else "—")
-    )
-    bar = Progress(
-        TextColumn("run {task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(f"{rate:.2f} items/s · ETA {eta}"),
-    )
-    bar.add_task(run, total=status.total or 1, completed=status.done)
-    table = Table(show_header=True, box=None)
-    for name in status.counts:
-        table.add_column(name, justify="right")
-    table.add_column("renders started", justify="right")
-    table.add_row(*(f"{n:,}" for n in status.counts.values()), f"{status.attempts:,}")
-    parts: list[Any] = [bar, table]
-    if reasons:
-        failures = Table(title="failures by reason", show_header=False, box=None)
-        for reason, count in reasons:
-            failures.add_row(f"{count:,}", escape(reason))
-        parts.append(failures)
-    return Group(*parts), status
+    if summary.missing:
+        more = summary.missing - len(summary.missing_skus)
+        err.print(
+            f"  {summary.missing:,} SKUs are no longer in the catalogue "
+            f"({escape(', '.join(summary.missing_skus))}{f' and {more:,} more' if more else ''})"
+            f": {summary.retired:,} items retired"
+            + ("" if prune else ", their objects kept (--prune deletes them)")
+        )
+    if summary.missing_in_flight:
+        err.print(
+            f"  {summary.missing_in_flight:,} items of those SKUs are rendering now; enqueue "
+            "again once they finish to retire them"
+        )
 
 
 @app.command()
 def status(
     ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Run name.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print counts as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print counts, pace, ETA, failures as JSON.")
+    ] = False,
     watch: Annotated[
         bool, typer.Option("--watch", help="Refresh until every item is done.")
     ] = False,
 ) -> None:
-    """Progress of a run: items by status, items/s, ETA and failures by reason."""
+    """Progress of a run: items by status, items/s, ETA, retries and failures by kind."""
+    from skufleet.producer.status import snapshot, status_view
+
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
+        current = snapshot(engine, run)
         if as_json:
-            with ledger.connect(engine) as conn:
-                print(json.dumps(ledger.run_status(conn, run).as_dict()))
+            print(json.dumps(current.as_dict(), ensure_ascii=False))
             return
-        view, current = _status_view(engine, run)
         if not watch:
-            out.print(view)
+            out.print(status_view(run, current))
             return
-        with Live(view, console=out, refresh_per_second=1) as live:
-            while current.done < current.total:
+        with Live(status_view(run, current), console=out, refresh_per_second=1) as live:
+            while current.status.done < current.status.total:
                 time.sleep(2)
-                view, current = _status_view(engine, run)
-                live.update(view)
-    if current.counts["failed"]:
+                current = snapshot(engine, run)
+                live.update(status_view(run, current))
+    if current.status.counts["failed"]:
         raise typer.Exit(1)  # the run finished with failures
 
 
@@ -314,6 +308,8 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per run.")] = False,
 ) -> None:
     """Every run with its progress, newest first."""
+    from skufleet.producer.status import run_state, runs_table
+
     settings: Settings = ctx.obj
     with reported():
         engine = ledger_engine(settings)
@@ -323,6 +319,7 @@ def runs(
         for run in found:
             line = {
                 **run.status.as_dict(),
+                "state": run_state(run),
                 "model": run.model,
                 "pack": run.template,
                 "created": run.created_at.isoformat(),
@@ -330,29 +327,7 @@ def runs(
             }
             print(json.dumps(line, ensure_ascii=False))
         return
-    table = Table(box=None)
-    for name in ("run", "state", "succeeded", "failed", "open", "model", "pack", "created"):
-        numeric = name in ("succeeded", "failed", "open")
-        table.add_column(
-            name,
-            justify="right" if numeric else "left",
-            no_wrap=name in ("run", "state", "succeeded", "created"),
-        )
-    for run in found:
-        counts = run.status.counts
-        open_items = run.status.total - run.status.done
-        state = "cancelled" if run.cancelled else ("done" if not open_items else "running")
-        table.add_row(
-            escape(run.name),
-            state,
-            f"{counts['succeeded']:,}/{run.status.total:,}",
-            f"{counts['failed']:,}",
-            f"{open_items:,}",
-            escape(run.model),
-            escape(run.template),
-            f"{run.created_at:%Y-%m-%d %H:%M}",
-        )
-    out.print(table)
+    out.print(runs_table(found, out.width))
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -130,8 +131,9 @@ def metrics(
     address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", callback=port_option)] = 9808,
 ) -> None:
-    """Prometheus metrics Flower lacks: queue depth per queue, items by status per run,
-    images/s and seconds per image per device (served on /metrics)."""
+    """Prometheus metrics Flower lacks: queue depth per queue, items by status per run, and
+    failures and retries by kind, for open runs and those active in the last day (served on
+    /metrics; per-device rates come from each worker's --metrics-port)."""
     from prometheus_client import REGISTRY, start_http_server
 
     from skufleet.producer.metrics import FleetCollector
@@ -166,6 +168,9 @@ def generate(
     steps: Annotated[int | None, typer.Option(help="Denoising steps [model default].")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the images are saved.")] = Path("."),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the fleet.")] = 3600,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run, saved paths and missing images as JSON.")
+    ] = False,
 ) -> None:
     """A handful of images of one prompt through the fleet: queue them, wait, save them."""
     from skufleet.producer.generate import generate as run_generate
@@ -187,8 +192,11 @@ def generate(
             timeout=timeout,
             console=err,
         )
-    for path in generated.paths:
-        print(path)  # one path a line, unwrapped, for scripts
+    if as_json:
+        print(json.dumps(generated.as_dict(), ensure_ascii=False))
+    else:
+        for path in generated.paths:
+            print(path)  # one path a line, unwrapped, for scripts
     if generated.missing:
         raise typer.Exit(1)  # finished with failures: the exit-code policy of every command
 
@@ -230,9 +238,10 @@ def reconcile(
 
 def demo(
     ctx: typer.Context,
-    catalogue: Annotated[Path, typer.Argument(help="Catalogue CSV.")] = Path(
-        "examples/catalogue.csv"
-    ),
+    catalogue: Annotated[
+        Path | None,
+        typer.Argument(help="Catalogue CSV [the example catalogue that ships with skufleet]."),
+    ] = None,
     model: Annotated[
         str, typer.Option(help="Model id or path; 'tiny' needs no download.")
     ] = "tiny",
@@ -241,17 +250,32 @@ def demo(
         Path, typer.Option("--dir", help="Where services keep data and images land.")
     ] = Path("skufleet-demo"),
     batch_size: Annotated[int, typer.Option(help="Items per render message.")] = 4,
+    delimiter: Annotated[
+        str | None,
+        typer.Option(help="Field delimiter: comma, semicolon, tab or pipe [the header's]."),
+    ] = None,
     keep: Annotated[
-        bool, typer.Option("--keep", help="Leave the stack running afterwards.")
+        bool,
+        typer.Option("--keep", help="Leave the stack running; <dir>/skufleet.env describes it."),
+    ] = False,
+    use_configured: Annotated[
+        bool,
+        typer.Option(
+            "--use-configured",
+            help="Use the Redis, ledger and S3 that SKUFLEET_* name (and upgrade that ledger) "
+            "instead of private ones.",
+        ),
     ] = False,
     stop: Annotated[
         bool, typer.Option("--stop", help="Stop a stack left running by --keep.")
     ] = False,
 ) -> None:
-    """Start a private fleet (Redis, S3, SQLite, Flower, a worker per device), render a
-    catalogue with it, copy the images out, and stop it all."""
+    """Start a private fleet in --dir (Redis, S3, SQLite, Flower, a worker per device),
+    render a catalogue with it, copy the images out, and stop it all. Configured SKUFLEET_*
+    services are left alone unless --use-configured."""
     from skufleet.producer import demo as demo_module
-    from skufleet.producer.template import TemplatePack
+    from skufleet.producer.catalogue import parse_delimiter
+    from skufleet.producer.template import EXAMPLES, TemplatePack
 
     settings: Settings = ctx.obj
     with reported():
@@ -268,13 +292,15 @@ def demo(
             return
         result = demo_module.run_demo(
             settings,
-            catalogue,
+            catalogue or EXAMPLES / "catalogue.csv",
             directory=directory,
             model=model,
             pack=TemplatePack.load(template),
             batch_size=batch_size,
             console=err,
             keep=keep,
+            use_configured=use_configured,
+            delimiter=parse_delimiter(delimiter) if delimiter is not None else None,
         )
     table = Table(title=f"run {escape(result.run)}", show_header=False)
     for name in ("succeeded", "failed"):
@@ -283,10 +309,12 @@ def demo(
     table.add_row("seconds", f"{result.seconds:.1f}")
     out.print(table)
     out.print(f"{len(result.images)} images in {escape(str(directory / 'images' / result.run))}/")
-    if keep:
+    if result.env_file is not None:
         out.print(
-            f"the stack is still running (Flower at {escape(str(result.flower))}); stop it with: "
-            f"skufleet demo --stop --dir {escape(str(directory))}"
+            f"the stack is still running (Flower at {escape(str(result.flower))}); use it from "
+            "a shell with:"
         )
+        print(f"source {shlex.quote(str(result.env_file))}", flush=True)  # whole, to copy
+        out.print(f"stop it with: skufleet demo --stop --dir {escape(str(directory))}")
     if result.counts["failed"]:
         raise typer.Exit(1)

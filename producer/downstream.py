@@ -1,10 +1,13 @@
 """What downstream systems get: the manifest in the bucket, presigned URLs, a webhook.
 
-When a run's last open item is done, the worker that finished it (the one that wins
-``ledger.complete_run``) calls :func:`complete`: the manifest goes to
-``<run>/manifest.jsonl`` in the bucket and, with a webhook configured, a ``run.completed``
-event with the totals goes into the ledger's outbox (``schemas.ledger.outbox``) and is sent
-at once.
+When a run's last open item is done, the reconciler (the caller that wins
+``ledger.complete_run``) calls :func:`complete`: the manifest goes to the bucket, one line
+per succeeded item in ``<run>/manifest.jsonl`` and its summary in ``<run>/manifest.json``
+(``schemas.ledger.manifest``), and, with a webhook configured, an event with the counts
+goes into the ledger's outbox (``schemas.ledger.outbox``) and is sent at once:
+``run.completed`` the first time, ``run.updated`` when the run completes again with another
+manifest or other counts (items retried, changed, added or retired), none when nothing
+changed.
 
 Delivery is one POST of the event's JSON body, ``http`` or ``https`` only, redirects not
 followed, :data:`WEBHOOK_TIMEOUT` seconds to connect and to answer, signed with
@@ -26,41 +29,140 @@ import logging
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.engine import Engine
 
 from skufleet.producer.bucket import Bucket
 from skufleet.schemas import ledger
-from skufleet.schemas.errors import LedgerUnavailable
+from skufleet.schemas.errors import LedgerUnavailable, StorageRefused, StorageUnavailable
 from skufleet.schemas.key import check_run_name
 from skufleet.schemas.ledger import outbox
-from skufleet.schemas.redact import redact_url
+from skufleet.schemas.ledger.manifest import SCHEMA_VERSION
+from skufleet.schemas.ledger.transitions import OPEN
+from skufleet.schemas.redact import redact_text, redact_url
 from skufleet.schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
+SUMMARY = "manifest.json"
+PRUNE_CHUNK = 1000
+"""Objects deleted per request (S3's DeleteObjects takes at most 1,000)."""
 
 
 def manifest_key(run: str) -> str:
     return f"{check_run_name(run)}/{MANIFEST}"
 
 
-def write_manifest(engine: Engine, bucket: Bucket, run: str) -> tuple[str, int]:
-    """Upload the run's manifest (one JSON line per succeeded item); ``(key, items)``."""
-    count = 0
+def summary_key(run: str) -> str:
+    return f"{check_run_name(run)}/{SUMMARY}"
+
+
+@dataclass(frozen=True)
+class Published:
+    """A manifest written to the bucket: its summary (``<run>/manifest.json``) and the
+    digest of what it says (its lines and counts), which tells one completion from the
+    next."""
+
+    summary: dict[str, Any]
+    digest: str
+
+    @property
+    def key(self) -> str:
+        return str(self.summary["manifest"])
+
+    @property
+    def items(self) -> int:
+        return int(self.summary["items"])
+
+
+def publish_manifest(engine: Engine, bucket: Bucket, run: str) -> Published:
+    """Upload the run's manifest: ``manifest.jsonl``, one JSON line per succeeded item, then
+    ``manifest.json``, its summary: ``{"schema_version", "run", "complete", "counts",
+    "items", "manifest", "bytes", "sha256", "generated_at"}``.
+
+    The counts are read first: ``complete`` is true when they show no open item (nothing
+    pending, queued or running), and then only an enqueue or a retry can change the run,
+    which makes it complete again later with a new manifest. ``items``, ``bytes`` and
+    ``sha256`` are those of the lines uploaded.
+    """
+    with ledger.connect(engine) as conn:
+        counts = ledger.run_status(conn, run).counts
+    items = 0
+    lines_digest = hashlib.sha256()
 
     def lines() -> Iterator[str]:
-        nonlocal count
+        nonlocal items
         with ledger.connect(engine) as conn:
             for record in ledger.manifest(conn, run):
-                count += 1
-                yield json.dumps(record, ensure_ascii=False) + "\n"
+                items += 1
+                line = json.dumps(record, ensure_ascii=False) + "\n"
+                lines_digest.update(line.encode("utf-8"))
+                yield line
 
     key = manifest_key(run)
-    bucket.put_lines(key, lines(), "application/x-ndjson")
-    return key, count
+    size = bucket.put_lines(key, lines(), "application/x-ndjson")
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "run": run,
+        "complete": not any(counts.get(status.value, 0) for status in OPEN),
+        "counts": counts,
+        "items": items,
+        "manifest": key,
+        "bytes": size,
+        "sha256": lines_digest.hexdigest(),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+    bucket.put_lines(
+        summary_key(run), [json.dumps(summary, ensure_ascii=False) + "\n"], "application/json"
+    )
+    said = json.dumps([summary["sha256"], counts], sort_keys=True).encode()
+    return Published(summary, hashlib.sha256(said).hexdigest())
+
+
+def write_manifest(engine: Engine, bucket: Bucket, run: str) -> tuple[str, int]:
+    """Upload the run's manifest and its summary (:func:`publish_manifest`); ``(key of the
+    lines, items)``."""
+    published = publish_manifest(engine, bucket, run)
+    return published.key, published.items
+
+
+def prune_retired(engine: Engine, bucket: Bucket, run_id: int) -> int:
+    """Delete the objects of the run's retired items from the bucket; how many.
+
+    Each chunk is deleted from the bucket first and then forgotten by the ledger, so an
+    interruption leaves the ledger holding objects that may be gone, never forgetting one
+    still there: pruning again finishes the job (deleting a missing key succeeds).
+    """
+    pruned = 0
+    while True:
+        with ledger.connect(engine) as conn:
+            found = ledger.retired_objects(conn, run_id, PRUNE_CHUNK)
+        if not found:
+            return pruned
+        keys = [key for _, key in found]
+        try:
+            answer = bucket.client.delete_objects(
+                Bucket=bucket.name,
+                Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageUnavailable(
+                f"cannot delete {len(keys)} retired objects from {keys[0]!r}: "
+                f"{redact_text(str(exc))}"
+            ) from exc
+        errors = answer.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise StorageRefused(
+                f"the bucket refused to delete {len(errors)} retired objects, "
+                f"{first.get('Key')!r} first: {first.get('Code')} {first.get('Message', '')}"
+            )
+        with ledger.begin(engine) as conn:
+            pruned += ledger.forget_objects(conn, [item_id for item_id, _ in found])
 
 
 def presigned(engine: Engine, bucket: Bucket, run: str, expires: int) -> Iterator[dict[str, Any]]:
@@ -206,11 +308,15 @@ def complete(
     settings: Settings, engine: Engine, bucket: Bucket, run_id: int, *, deliver: bool = True
 ) -> bool:
     """If run ``run_id`` has just finished (and this caller won), write its manifest and
-    record its ``run.completed`` event, then (``deliver``) send the events that are due.
-    Returns whether this caller completed the run.
+    count the completion with its event (``run.completed`` the first time, ``run.updated``
+    when the manifest or the counts changed since the last one, none when neither did),
+    then (``deliver``) send the events that are due. Returns whether this caller completed
+    the run.
 
-    The event is recorded in the ledger before any delivery: a webhook that is down delays
-    it, the reconciler sends it later, and nothing here raises for the webhook.
+    The completion and its event commit together, before any delivery: a webhook that is
+    down delays the event, the reconciler sends it later, and nothing here raises for the
+    webhook. The event's body: ``{"event", "id", "run", "complete", "counts", "attempts",
+    "items", "completion", "bucket", "manifest", "summary", "schema_version"}``.
     """
     with ledger.begin(engine) as conn:
         if not ledger.complete_run(conn, run_id):
@@ -219,21 +325,40 @@ def complete(
     if run is None:
         return False
     try:
-        key, items = write_manifest(engine, bucket, run)
+        published = publish_manifest(engine, bucket, run)
         with ledger.connect(engine) as conn:
             status = ledger.run_status(conn, run)
-        if settings.webhook_url:
-            outbox.record(
-                engine,
-                run_id,
-                outbox.RUN_COMPLETED,
-                {**status.as_dict(), "bucket": bucket.name, "manifest": key},
-            )
+        with ledger.begin(engine) as conn:
+            completion = ledger.record_completion(conn, run_id, published.digest)
+            if completion is not None and settings.webhook_url:
+                outbox.add(
+                    conn,
+                    run_id,
+                    outbox.RUN_COMPLETED if completion == 1 else outbox.RUN_UPDATED,
+                    {
+                        **status.as_dict(),
+                        "complete": published.summary["complete"],
+                        "counts": published.summary["counts"],
+                        "items": published.items,
+                        "completion": completion,
+                        "bucket": bucket.name,
+                        "manifest": published.key,
+                        "summary": summary_key(run),
+                        "schema_version": SCHEMA_VERSION,
+                    },
+                )
     except Exception:
         with ledger.begin(engine) as conn:
             ledger.reopen_run(conn, run_id)  # the reconciler completes it on a later pass
         raise
-    log.info("run %s complete: %s; manifest of %d items at %s", run, status.counts, items, key)
+    log.info(
+        "run %s complete%s: %s; manifest of %d items at %s",
+        run,
+        "" if completion is not None else " (unchanged: no event)",
+        published.summary["counts"],
+        published.items,
+        published.key,
+    )
     if deliver and settings.webhook_url:
         try:
             deliver_due(settings, engine)

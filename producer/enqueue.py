@@ -6,7 +6,9 @@
    update the changed ones (prompt or parameters differ) back to pending, and count the
    rest, so re-enqueuing an updated catalogue renders only what is new or changed. Each
    item's object key is fixed here; a record with an item whose key another item of the
-   run has is rejected (``key_collision``), naming both SKUs, before the merge;
+   run has is rejected (``key_collision``), naming both SKUs, before the merge. Items of
+   SKUs the catalogue no longer has are ``retired`` (out of the manifest; their objects
+   kept, or deleted after step 3 with ``prune``); a retired SKU that comes back is revived;
 3. mark pending items queued, commit, and publish their messages: only committed rows are
    ever announced to the workers.
 """
@@ -21,6 +23,8 @@ from typing import Any, TextIO
 
 from sqlalchemy.engine import Engine
 
+from skufleet.producer import downstream
+from skufleet.producer.bucket import Bucket
 from skufleet.producer.catalogue import Catalogue, Record, Reject, Tally
 from skufleet.producer.publish import Publisher
 from skufleet.producer.seed import derive_seed
@@ -62,6 +66,18 @@ class EnqueueSummary:
     unchanged: int = 0
     in_flight: int = 0
     """Changed items a worker is rendering right now: left alone; enqueue again later."""
+    missing: int = 0
+    """SKUs of the run this catalogue no longer has: their items are retired."""
+    missing_skus: list[str] = field(default_factory=list)
+    """The first of them (at most ``ledger.intake.MISSING_SAMPLE``)."""
+    retired: int = 0
+    """Items retired by this enqueue: out of the manifest, objects kept unless pruned."""
+    missing_in_flight: int = 0
+    """Items of missing SKUs a worker renders now: left to finish; enqueue again later."""
+    revived: int = 0
+    """Retired items whose SKU is back unchanged (a changed one counts as changed)."""
+    pruned: int = 0
+    """Objects of the run's retired items deleted from the bucket (``prune``)."""
     long_prompts: int = 0
     """Items whose prompt or negative prompt exceeds CLIP's 77 tokens (cut by SD 1.5)."""
     enqueued: int = 0
@@ -83,7 +99,11 @@ class EnqueueRequest:
     pack: TemplatePack = field(default_factory=TemplatePack.default)
     overrides: dict[str, Any] = field(default_factory=dict)
     """Generation parameters given on the command line; they win over the pack's."""
+    prune: bool = False
+    """Delete the objects of the run's retired items from the bucket."""
     encoding: str = "utf-8"
+    delimiter: str | None = None
+    """The catalogue's field delimiter; None takes the one its header line uses."""
 
     def __post_init__(self) -> None:
         check_run_name(self.run)
@@ -153,6 +173,22 @@ class _Stager:
         self.tally = Tally()
         self.items = 0
         self.long_prompts = 0
+        self.kept: list[str] = []
+        """SKUs of rejected records since :meth:`kept_skus`: still in the catalogue."""
+
+    def kept_skus(self) -> list[str]:
+        kept, self.kept = self.kept, []
+        return kept
+
+    def _fields(self, row: dict[str, str]) -> str:
+        """The catalogue fields of the record's manifest lines: its title, its category
+        and the pack's ``manifest_columns`` (None where the row lacks one or it is empty)."""
+        pack = self.request.pack
+        return ledger.catalogue_fields(
+            row["title"],
+            row.get(pack.category_column) or None,
+            {name: row.get(name) or None for name in pack.manifest_columns},
+        )
 
     def _write(self, entry: dict[str, Any]) -> None:
         if self.report is not None:
@@ -178,9 +214,12 @@ class _Stager:
             if isinstance(shots, Reject):
                 self.tally.count(shots)
                 self._write(shots.as_dict())
+                if isinstance(outcome, Record):  # rejected, yet its SKU is in the catalogue
+                    self.kept.append(outcome.sku)
                 continue
             self.tally.count(outcome)
             assert isinstance(outcome, Record)
+            fields = self._fields(outcome.fields)
             for shot, params in shots:
                 rows.append(
                     {
@@ -191,6 +230,7 @@ class _Stager:
                         "prompt": shot.prompt,
                         "negative_prompt": shot.negative,
                         "seed": derive_seed(self.request.seed, outcome.sku, shot.shot),
+                        "fields": fields,
                         **params,
                     }
                 )
@@ -271,10 +311,13 @@ def publish_pending(
     touched), so nothing is left queued without a message.
     """
     items = messages = 0
-    for batches in ledger.queue_pending(engine, run_id, batch_size, PUBLISH_CHUNK):
+    for chunk in ledger.queue_pending(engine, run_id, batch_size, PUBLISH_CHUNK):
+        batches = chunk.batches
         try:
             publisher.publish(
-                queue, [RenderPayload(run_id=run_id, model=model, item_ids=ids) for ids in batches]
+                queue,
+                [RenderPayload(run_id=run_id, model=model, item_ids=ids) for ids in batches],
+                [chunk.label(ids) for ids in batches],
             )
         except BaseException:
             ledger.unmark_queued(engine, [i for batch in batches for i in batch])
@@ -294,13 +337,17 @@ def enqueue(
     queue_prefix: str,
     report: TextIO | None = None,
     progress: Progress | None = None,
+    bucket: Bucket | None = None,
 ) -> EnqueueSummary:
     """Stage, merge and publish a catalogue (see the module docstring).
 
     ``report`` receives one JSON line per rejected record (duplicates included) and per
     accepted record whose prompt is too long. ``progress(stage, n)`` is called with
-    ``("read", records)`` and ``("queued", items)``.
+    ``("read", records)`` and ``("queued", items)``. ``bucket``: where ``request.prune``
+    deletes the retired items' objects.
     """
+    if request.prune and bucket is None:
+        raise ConfigError("pruning retired items' objects needs the bucket")
     ledger.require_schema(engine)
     queue = render_queue(queue_prefix, request.model)
     summary = EnqueueSummary(
@@ -311,7 +358,10 @@ def enqueue(
     # 1. stage the catalogue, 2. merge it into the run, in one transaction
     with (
         Catalogue(
-            request.catalogue, encoding=request.encoding, columns=request.pack.columns
+            request.catalogue,
+            encoding=request.encoding,
+            columns=request.pack.columns,
+            delimiter=request.delimiter,
         ) as catalogue,
         ledger.begin(engine) as conn,
     ):
@@ -326,6 +376,7 @@ def enqueue(
         staging = ledger.ItemStaging(conn, run_id)
         for chunk in _chunks(catalogue, STAGE_CHUNK):
             staging.add(stager.rows(chunk))
+            staging.keep(stager.kept_skus())
             if progress is not None:
                 progress("read", stager.tally.read)
         stager.reject_collisions(*staging.drop_collisions())
@@ -336,7 +387,11 @@ def enqueue(
                 f"{tally.rejected:,} rejected, {tally.duplicates:,} duplicates): nothing was "
                 f"enqueued and run {request.run!r} was not created or changed"
             )
+        retirement = staging.retire_missing()
         summary.new, summary.changed, summary.in_flight = staging.merge()
+    summary.missing, summary.missing_skus = retirement.missing, retirement.sample
+    summary.retired, summary.missing_in_flight = retirement.retired, retirement.in_flight
+    summary.revived = staging.revived
 
     tally = stager.tally
     summary.read, summary.accepted = tally.read, tally.accepted
@@ -349,6 +404,8 @@ def enqueue(
     summary.enqueued, summary.messages = publish_pending(
         engine, publisher, run_id, request.model, queue, request.batch_size, progress
     )
+    if request.prune and bucket is not None:
+        summary.pruned = downstream.prune_retired(engine, bucket, run_id)
     with ledger.begin(engine) as conn:
         ledger.record_enqueue(conn, run_id, summary.as_dict())
     return summary

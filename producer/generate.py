@@ -35,10 +35,21 @@ MAX_IMAGES = 64
 
 @dataclass(frozen=True)
 class Generated:
+    run: str
+    """The run the images were items of (``skufleet status`` takes it)."""
     paths: list[Path]
     """The images saved, one per item that succeeded."""
-    missing: int
-    """Images that failed or were cancelled: the command then exits 1."""
+    missing: list[dict[str, Any]]
+    """Images that failed or were cancelled (sku, shot, status, error): the command then
+    exits 1."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """``generate --json``."""
+        return {
+            "run": self.run,
+            "paths": [str(path) for path in self.paths],
+            "missing": self.missing,
+        }
 
 
 def generate(
@@ -113,6 +124,7 @@ def generate(
     paths = []
     with ledger.connect(engine) as conn:
         records = list(ledger.manifest(conn, run))
+        missing = ledger.missing_items(conn, run)
     for record in records:
         path = out_dir / f"{run}-{record['sku']}.{record['key'].rsplit('.', 1)[-1]}"
         bucket.download(record["key"], path)
@@ -123,4 +135,4 @@ def generate(
         )
     if counts[ItemStatus.CANCELLED]:
         console.print(f"{counts[ItemStatus.CANCELLED]} of {count} images were cancelled")
-    return Generated(paths, count - len(paths))
+    return Generated(run, paths, missing)

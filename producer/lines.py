@@ -2,9 +2,10 @@
 one line at a time in bounded memory.
 
 :func:`not_csv` looks at the first block of a file for what is plainly not a CSV (an image,
-an archive, UTF-16 text, old Mac line endings). :class:`Lines` gives the CSV parser one
-decoded physical line at a time; a line over ``MAX_LINE_BYTES`` is read past in chunks and
-never held whole, and a record whose lines pass it together stops the parser.
+an archive, UTF-16 text, old Mac line endings), and :func:`detect_delimiter` at its header
+line for the field delimiter (comma, semicolon, tab or pipe). :class:`Lines` gives the CSV
+parser one decoded physical line at a time; a line over ``MAX_LINE_BYTES`` is read past in
+chunks and never held whole, and a record whose lines pass it together stops the parser.
 """
 
 from __future__ import annotations
@@ -50,6 +51,28 @@ def not_csv(head: bytes) -> str | None:
     if b"\r" in head and b"\n" not in head:
         return "has old Mac line endings (CR only): convert them to LF or CRLF first"
     return None
+
+
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+"""The field delimiters a catalogue may use, in the order that breaks a tie."""
+
+
+def detect_delimiter(header: str) -> str:
+    """The delimiter a catalogue whose header line is ``header`` uses: the one of
+    :data:`DELIMITERS` found most often outside quotes; a comma where none is found.
+
+    Counted rather than left to :class:`csv.Sniffer`, which on a single line takes the comma
+    of ``sku;title;Name, long`` over its two semicolons.
+    """
+    counts = dict.fromkeys(DELIMITERS, 0)
+    quoted = False
+    for char in header:
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char in counts:
+            counts[char] += 1
+    best = max(counts, key=counts.__getitem__)  # the first of the most frequent
+    return best if counts[best] else ","
 
 
 _SKIP_BYTES = 64 * 1024

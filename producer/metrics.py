@@ -1,9 +1,12 @@
-"""Prometheus metrics of the fleet that Flower does not export: queue depth, items by
-status per run, images/s and time per image per device.
+"""Prometheus metrics of the fleet that Flower does not export: queue depth, items by status
+per run, and each run's failures and retries by kind of error.
 
 ``skufleet metrics`` serves them; every value is read from Redis and the ledger at scrape
-time, so the endpoint holds no state and any number of replicas agree. (Each worker also
-serves its own device metrics, such as GPU memory, with ``skufleet-worker --metrics-port``.)
+time, so the endpoint holds no state and any number of replicas agree. Runs are those still
+open and those created, changed or completed within :data:`ACTIVE` (not every run ever
+made). Rates are not computed here: each worker serves counters of its own device
+(``worker.metrics``, ``skufleet-worker --metrics-port``) for Prometheus' ``rate()``, and the
+pace of a run is ``deriv()`` of its ``skufleet_items``; ``deploy/grafana/`` has both.
 """
 
 from __future__ import annotations
@@ -21,9 +24,41 @@ from skufleet.schemas import ledger
 from skufleet.schemas.errors import RetryableError
 from skufleet.schemas.names import render_queue
 from skufleet.schemas.settings import Settings
-from skufleet.schemas.tables import Item, ItemStatus, Run
+from skufleet.schemas.tables import Run
 
-WINDOW = timedelta(seconds=60)
+ACTIVE = timedelta(days=1)
+"""Finished runs stay in the metrics this long after they last changed."""
+KINDS_PER_RUN = 10
+"""Most error kinds exported per run (the commonest), to bound the series."""
+
+
+def families() -> dict[str, GaugeMetricFamily]:
+    """Every metric this exporter serves, empty: what :class:`FleetCollector` fills."""
+    return {
+        "queues": GaugeMetricFamily(
+            "skufleet_queue_messages", "Messages waiting in a queue", labels=["queue", "model"]
+        ),
+        "items": GaugeMetricFamily(
+            "skufleet_items",
+            "Items of a run by status (open runs and runs active in the last day)",
+            labels=["run", "status"],
+        ),
+        "failures": GaugeMetricFamily(
+            "skufleet_run_failures",
+            "Failed items of a run by kind of error (the commonest kinds)",
+            labels=["run", "kind"],
+        ),
+        "retrying": GaugeMetricFamily(
+            "skufleet_run_retrying_items",
+            "Open items of a run that an earlier attempt failed: being tried again",
+            labels=["run"],
+        ),
+        "up": GaugeMetricFamily(
+            "skufleet_metrics_sources_up",
+            "1 when the ledger and the broker could be read",
+            labels=["source"],
+        ),
+    }
 
 
 class FleetCollector(Collector):
@@ -32,54 +67,35 @@ class FleetCollector(Collector):
         self.engine = engine
         self.publisher = publisher
 
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """The metrics' names and types, without reading anything (for registration)."""
+        yield from families().values()
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        queues = GaugeMetricFamily(
-            "skufleet_queue_messages", "Messages waiting in a queue", labels=["queue", "model"]
-        )
-        items = GaugeMetricFamily(
-            "skufleet_items", "Items of a run by status", labels=["run", "status"]
-        )
-        rate = GaugeMetricFamily(
-            "skufleet_images_per_second",
-            "Items finished per second over the last minute, per device",
-            labels=["worker", "device"],
-        )
-        latency = GaugeMetricFamily(
-            "skufleet_seconds_per_image",
-            "Mean wall time per image of batches finished in the last minute, per device",
-            labels=["worker", "device"],
-        )
-        up = GaugeMetricFamily(
-            "skufleet_metrics_sources_up",
-            "1 when the ledger and the broker could be read",
-            labels=["source"],
-        )
-        since = ledger.utcnow() - WINDOW
+        found = families()
+        since = ledger.utcnow() - ACTIVE
         try:
             with ledger.connect(self.engine) as conn:
                 models = list(conn.execute(sa.select(Run.model).distinct()).scalars())
-                for run in ledger.list_runs(conn):
+                for run in ledger.list_runs(conn, active_since=since):
                     for status, count in run.status.counts.items():
-                        items.add_metric([run.name, status], count)
-                rows = conn.execute(
-                    sa.select(
-                        Item.worker, Item.device, sa.func.count(), sa.func.avg(Item.render_seconds)
-                    )
-                    .where(Item.status == ItemStatus.SUCCEEDED, Item.finished_at >= since)
-                    .group_by(Item.worker, Item.device)
-                ).all()
-            for worker, device, count, seconds in rows:
-                rate.add_metric([worker or "", device or ""], count / WINDOW.total_seconds())
-                latency.add_metric([worker or "", device or ""], float(seconds or 0.0))
-            up.add_metric(["ledger"], 1)
+                        found["items"].add_metric([run.name, status], count)
+                    if run.status.counts["failed"]:
+                        for kind, count in ledger.failure_reasons(conn, run.name, KINDS_PER_RUN):
+                            found["failures"].add_metric([run.name, kind], count)
+                    retrying = 0  # a run with nothing open retries nothing
+                    if run.status.total - run.status.done:
+                        retrying, _ = ledger.retrying(conn, run.name, limit=0)
+                    found["retrying"].add_metric([run.name], retrying)
+            found["up"].add_metric(["ledger"], 1)
         except (sa.exc.SQLAlchemyError, RetryableError):
             models = []
-            up.add_metric(["ledger"], 0)
+            found["up"].add_metric(["ledger"], 0)
         try:
             for model in models:
                 name = render_queue(self.settings.queue_prefix, model)
-                queues.add_metric([name, model], self.publisher.queue_length(name))
-            up.add_metric(["broker"], 1)
+                found["queues"].add_metric([name, model], self.publisher.queue_length(name))
+            found["up"].add_metric(["broker"], 1)
         except RetryableError:
-            up.add_metric(["broker"], 0)
-        yield from (queues, items, rate, latency, up)
+            found["up"].add_metric(["broker"], 0)
+        yield from found.values()

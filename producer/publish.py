@@ -18,6 +18,11 @@ PIPELINE = 500
 """Messages per Redis round trip when publishing."""
 
 
+def fallback_label(payload: RenderPayload) -> str:
+    """What Flower shows for a message published without a label."""
+    return f"run {payload.run_id} ({len(payload.item_ids)} items)"
+
+
 class Publisher:
     """Sends ``skufleet.render`` messages to a model's queue over one broker connection."""
 
@@ -34,19 +39,27 @@ class Publisher:
                 *connection.connection_errors,
             )
 
-    def publish(self, queue: str, payloads: Sequence[RenderPayload]) -> None:
+    def publish(
+        self, queue: str, payloads: Sequence[RenderPayload], labels: Sequence[str] = ()
+    ) -> None:
         """Publish one message per payload on one connection, pipelined: kombu's
-        ``Producer.batch`` buffers Redis LPUSHes and sends them ``PIPELINE`` at a time."""
+        ``Producer.batch`` buffers Redis LPUSHes and sends them ``PIPELINE`` at a time.
+
+        ``labels[i]`` is what Flower shows for ``payloads[i]`` (``schemas.label``: the run's
+        name, shot and first SKUs); without labels a message shows its run id and size."""
+        if labels and len(labels) != len(payloads):
+            raise ValueError(f"{len(labels)} labels for {len(payloads)} payloads")
         try:
             with self.app.producer_or_acquire() as producer, producer.batch(PIPELINE):
-                for payload in payloads:
+                for n, payload in enumerate(payloads):
                     self.app.send_task(
                         TASK_RENDER,
                         args=[payload.model_dump()],
                         queue=queue,
                         producer=producer,
-                        # what Flower shows for the task; also spares Celery a saferepr
-                        argsrepr=f"run {payload.run_id}: {len(payload.item_ids)} items",
+                        # display only, in the message's headers: what Flower shows for the
+                        # task (it also spares Celery a saferepr of the arguments)
+                        argsrepr=labels[n] if labels else fallback_label(payload),
                         kwargsrepr="{}",
                     )
         except self.broker_errors as exc:

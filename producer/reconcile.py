@@ -7,8 +7,10 @@ One pass:
 2. items queued for longer than ``SKUFLEET_LOST_AFTER_SECONDS`` while their model's queue is
    empty lost their message (a broker restart without persistence, a flush) and get a new
    one. A duplicate is harmless: each item is claimed once;
-3. finished runs that were never marked complete (their last worker died, or the manifest
-   could not be written) get their manifest and webhook event;
+3. finished runs that were never marked complete (their last worker died, the manifest
+   could not be written, or new work came in and is done) get their manifest and webhook
+   event: ``run.completed`` the first time, ``run.updated`` once the run changed
+   (``downstream.complete``);
 4. webhook events that are due (new, or failed before and past their backoff) are sent. A
    webhook that is down, slow, redirecting or misconfigured never stops the pass: its event
    stays in the ledger for a later one.
@@ -60,14 +62,16 @@ class ReconcileReport:
         )
 
 
-def _publish(publisher: Publisher, prefix: str, found: list[ledger.Stranded]) -> int:
+def _publish(publisher: Publisher, prefix: str, found: list[ledger.Stranded], why: str) -> int:
+    """Publish ``found``, each message labelled with ``why`` it is published again."""
     messages = 0
     for group in found:
         payloads = [
             RenderPayload(run_id=group.run_id, model=group.model, item_ids=ids)
             for ids in group.batches
         ]
-        publisher.publish(render_queue(prefix, group.model), payloads)
+        labels = [group.label(ids, why) for ids in group.batches]
+        publisher.publish(render_queue(prefix, group.model), payloads, labels)
         messages += len(payloads)
     return messages
 
@@ -88,7 +92,7 @@ def reconcile(
         # time and its batch mates go through, as with a batch that failed as a whole
         expired, report.dead_lettered = ledger.expire_leases(conn, settings.max_attempts, 1, run_id)
     report.expired = sum(len(ids) for group in expired for ids in group.batches)
-    report.messages += _publish(publisher, settings.queue_prefix, expired)
+    report.messages += _publish(publisher, settings.queue_prefix, expired, "lease expired")
 
     # 2. queued items whose message is presumed lost, where their model's queue is empty
     older = ledger.utcnow() - timedelta(seconds=settings.lost_after_seconds)
@@ -100,7 +104,7 @@ def reconcile(
         with ledger.begin(engine) as conn:
             lost = ledger.requeue_stale(conn, model, older, DEFAULT_BATCH_SIZE, run_id)
         report.republished += sum(len(ids) for group in lost for ids in group.batches)
-        report.messages += _publish(publisher, settings.queue_prefix, lost)
+        report.messages += _publish(publisher, settings.queue_prefix, lost, "republished")
 
     # 3. finished runs whose completion (manifest, webhook) no worker got to do
     with ledger.connect(engine) as conn:

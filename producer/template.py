@@ -4,6 +4,7 @@ A pack is a TOML file::
 
     name = "ecommerce"
     category_column = "category"     # which column picks the category (optional)
+    manifest_columns = ["brand"]      # columns each manifest line carries (optional)
 
     [columns]                         # skufleet name = catalogue header (optional)
     sku = "ItemID"
@@ -46,6 +47,7 @@ import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,10 @@ from skufleet.schemas.errors import ConfigError, ItemError
 from skufleet.schemas.output import OutputSpec
 from skufleet.schemas.params import OUTPUT_KEYS, GenerationParams
 
-PACKS = Path(__file__).resolve().parent / "packs"
+EXAMPLES = Path(str(resources.files("skufleet").joinpath("examples")))
+"""What ships with skufleet in its package (the repository's ``examples/``): example
+catalogues, the packs and the label fonts."""
+PACKS = EXAMPLES / "packs"
 """The packs that ship with skufleet, usable by name (``--template education``)."""
 DEFAULT_PACK = "ecommerce"
 DEFAULT_CATEGORY = "default"
@@ -125,6 +130,8 @@ class _Pack(_Strict):
     name: str
     description: str = ""
     category_column: str = "category"
+    manifest_columns: list[str] = Field(default_factory=list, max_length=64)
+    """Catalogue columns (as the templates name them) each manifest line carries."""
     columns: dict[str, str] = Field(default_factory=dict)
     params: _Params = Field(default_factory=_Params)
     categories: dict[str, _Category] = Field(min_length=1)
@@ -198,6 +205,7 @@ class TemplatePack:
         self.description = spec.description
         self.source = source
         self.category_column = spec.category_column
+        self.manifest_columns = tuple(dict.fromkeys(spec.manifest_columns))
         self.columns = dict(spec.columns)
         self.params = spec.params.set()
         self.categories: dict[str, Category] = {}

@@ -13,6 +13,7 @@ type says what the caller should do::
     │   ├── LedgerUnavailable      the SQL database failed or timed out
     │   └── BrokerUnavailable      Redis refused or timed out
     ├── Stopping               the process stops while waiting out an outage: hand work back
+    ├── BatchFailed            a render message's items were not all stored: its task fails
     ├── ItemError              permanent for one item (bad prompt, unsafe key): fail it now
     └── FatalError             the process cannot go on (model will not load, device lost):
         ├── ModelLoadError         stop, and let the supervisor decide
@@ -107,6 +108,13 @@ class BrokerUnavailable(RetryableError):
 class Stopping(SkufleetError):
     """The process is shutting down while work waits for a service to come back: the work
     is handed back (the message to its queue, the items to the ledger)."""
+
+
+class BatchFailed(SkufleetError):
+    """A render message's task ends FAILURE with this: not every item it claimed was stored
+    (failed, retried, taken over or handed back), or the message was refused. Each item's
+    own state is in the ledger, and its retry is already a message of its own; the message
+    itself is acknowledged, never retried or requeued."""
 
 
 class ItemError(SkufleetError):

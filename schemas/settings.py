@@ -98,8 +98,13 @@ class Settings(BaseSettings):
     body) on every webhook call; unset or empty, calls go unsigned, with a warning."""
     cache_dir: Path = Path.home() / ".cache" / "skufleet"
     """Where the built-in ``tiny`` pipeline is written once and loaded from."""
+    label_font: Path | None = None
+    """A font file (TrueType, OpenType or a .ttc collection's first face) that labels are
+    drawn with first; characters it lacks come from the fonts that ship with skufleet."""
 
-    @field_validator("s3_endpoint_url", "webhook_url", "flower_basic_auth", mode="before")
+    @field_validator(
+        "s3_endpoint_url", "webhook_url", "flower_basic_auth", "label_font", mode="before"
+    )
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -144,6 +149,21 @@ class Settings(BaseSettings):
     def _hook_url(cls, value: str | None) -> str | None:
         if value is not None:
             _http_url(value, "the webhook")
+        return value
+
+    @field_validator("label_font")
+    @classmethod
+    def _font_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        from PIL import ImageFont  # only where a font is configured
+
+        try:
+            ImageFont.truetype(str(value), 12)
+        except OSError as exc:
+            raise ValueError(f"{value} is not a font file FreeType can read ({exc})") from None
         return value
 
     def s3_client_options(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 """The Alembic revision this code expects; ``skufleet db upgrade`` brings a database to it."""
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
@@ -52,11 +52,15 @@ class ItemStatus(enum.StrEnum):
         republish      queued → queued                             its message presumed lost
         cancel         pending | queued → cancelled                skufleet cancel
         retry_run      failed | cancelled → pending                skufleet retry
-        change         pending | succeeded | failed | cancelled → pending   changed content
+        change         pending | succeeded | failed | cancelled | retired → pending   changed
         change_queued  queued → queued                             the same, message waiting
+        retire         pending | queued | succeeded | failed | cancelled → retired   SKU gone
+        revive         retired → succeeded | pending               its SKU is back, unchanged
 
-    A new item is pending. Succeeded, failed and cancelled are left only by an explicit
-    command: ``skufleet retry``, or an enqueue that changes the item.
+    ``change``: an enqueue changed the item's content; ``retire``: an enqueue whose catalogue
+    no longer has its SKU (running items finish first). A new item is pending. Succeeded,
+    failed, cancelled and retired are left only by an explicit command: ``skufleet retry``,
+    or an enqueue that changes, retires or revives the item.
     """
 
     PENDING = "pending"
@@ -65,6 +69,8 @@ class ItemStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    RETIRED = "retired"
+    """Its SKU left the catalogue: out of the manifest; its object is kept unless pruned."""
 
 
 class Base(DeclarativeBase):
@@ -89,6 +95,12 @@ class Run(Base):
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """When the last open item was done (then the manifest is written and the webhook called)."""
+    completions: Mapped[int] = mapped_column(Integer, server_default="0")
+    """Completions that published a manifest: 1 sent ``run.completed``, later ones
+    ``run.updated``."""
+    manifest_digest: Mapped[str | None] = mapped_column(String(64))
+    """SHA-256 over the last published manifest's lines and counts: a completion that changes
+    neither publishes no event."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -145,8 +157,18 @@ class Item(Base):
     """Wall time of the batch this item was rendered in, divided by the batch's size."""
     object_key: Mapped[str | None] = mapped_column(String(1024))
     """Where the item's image is stored, fixed when the item is enqueued (``schemas.key``)."""
+    fields: Mapped[str] = mapped_column(Text, server_default="{}")
+    """The catalogue's fields the manifest carries, as canonical JSON: ``{"title",
+    "category", "fields": {the pack's manifest_columns}}``; ``{}`` before revision 0006."""
     byte_size: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
+    """With ``byte_size`` and ``image_*``: the stored object, recorded by the worker at finish
+    (kept while a retired item's object is kept, cleared when it is pruned)."""
+    image_width: Mapped[int | None] = mapped_column(Integer)
+    """Pixels of the stored image (labels and thumbnails make it differ from ``width``)."""
+    image_height: Mapped[int | None] = mapped_column(Integer)
+    image_format: Mapped[str | None] = mapped_column(String(8))
+    """``png``, ``webp`` or ``jpeg``."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -2,9 +2,10 @@
 with a SQL ledger as the source of truth.
 
 The installed package is ``skufleet`` only. In the repository its parts keep their own
-top-level folders (``schemas/``, ``producer/``, ``worker/``, ``migrations/``); this folder
-links them in as ``skufleet.schemas``, ``skufleet.producer``, ``skufleet.worker`` and
-``skufleet.migrations``, and a wheel holds them as real subpackages. Imports go one way:
+top-level folders (``schemas/``, ``producer/``, ``worker/``, ``migrations/``, ``examples/``);
+this folder links them in as ``skufleet.schemas``, ``skufleet.producer``, ``skufleet.worker``,
+``skufleet.migrations`` and ``skufleet.examples`` (packs, example catalogues, label fonts), and
+a wheel holds them as real subpackages and data. Imports go one way:
 ``schemas`` imports neither of the others, and ``producer`` and ``worker`` never import
 each other (``tests/test_imports.py``).
 """

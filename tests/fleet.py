@@ -96,7 +96,8 @@ class Fleet:
         return ledger.create_engine(self.env["SKUFLEET_DATABASE_URL"])
 
     def objects(self, prefix: str) -> dict[str, dict[str, Any]]:
-        """Every image under ``prefix`` (the run's manifest aside): key → list entry."""
+        """Every image under ``prefix`` (the run's manifest and its summary aside): key →
+        list entry."""
         client = self.s3.client()
         found: dict[str, dict[str, Any]] = {}
         for page in client.get_paginator("list_objects_v2").paginate(
@@ -106,7 +107,7 @@ class Fleet:
                 {
                     entry["Key"]: entry
                     for entry in page.get("Contents", [])
-                    if not entry["Key"].endswith("/manifest.jsonl")
+                    if not entry["Key"].endswith(("/manifest.jsonl", "/manifest.json"))
                 }
             )
         return found

@@ -21,7 +21,7 @@ from skufleet.worker.breaker import Breaker
 from skufleet.worker.storage import Storage
 from tests.faults.outage import Outage
 from tests.fixtures.pipelines import StandInPipeline
-from tests.test_render import items, queued_run, renderer
+from tests.test_render import in_thread, items, queued_run, renderer
 from tests.test_render import settings as settings
 
 # the renderer's behaviour does not depend on the database: it runs on the production one
@@ -77,15 +77,18 @@ def test_drawn_images_wait_out_a_storage_outage_and_are_stored_once(
     worker, requeued = renderer(settings, engine, pipeline, storage=storage)
     run_id, ids = queued_run(engine, 3)
     storage_outage.down()
-    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
+    task, returned = in_thread(worker, RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
     until(lambda: worker.services.storage_breaker.is_open)
     time.sleep(1)
     assert {i.status for i in items(engine)} == {ItemStatus.RUNNING}
+    assert task.is_alive()  # the task ends only once its batch is stored
     storage_outage.up()
-    until(lambda: {i.status for i in items(engine)} == {ItemStatus.SUCCEEDED})
+    task.join(30)
+    assert {i.status for i in items(engine)} == {ItemStatus.SUCCEEDED}
     worker.close()
     assert [i.attempts for i in items(engine)] == [1, 1, 1]
     assert pipeline.batches == [3] and requeued == []
+    assert returned[0][0].problem() is None
 
 
 def test_a_worker_stopped_during_a_storage_outage_hands_its_items_back(
@@ -98,13 +101,16 @@ def test_a_worker_stopped_during_a_storage_outage_hands_its_items_back(
     worker, requeued = renderer(settings, engine, StandInPipeline("tiny"), storage=storage)
     run_id, ids = queued_run(engine, 2)
     storage_outage.down()
-    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
+    task, returned = in_thread(worker, RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
     until(lambda: worker.services.storage_breaker.is_open)
     worker.close()
+    task.join(30)
     found = items(engine)
     assert {i.status for i in found} == {ItemStatus.QUEUED}
     assert all(i.attempts - i.attempts_before_retry == 0 for i in found)
     assert sorted(i for payload, _ in requeued for i in payload.item_ids) == sorted(ids)
+    assert requeued.labels == ["render · main · SKU/0, SKU/1 (2 items) · handed back"]
+    assert (returned[0][0].problem() or "").startswith("2 of 2 items not stored (2 handed back)")
 
 
 @pytest.fixture
@@ -148,10 +154,11 @@ def test_an_upload_the_bucket_refuses_is_the_items_error(
         settings, engine, StandInPipeline("tiny"), bucket=False, storage=storage
     )
     run_id, ids = queued_run(engine, 2)
-    worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
+    outcome = worker.handle(RenderPayload(run_id=run_id, model="tiny", item_ids=ids))
     worker.close()
     found = items(engine)
     assert {i.status for i in found} == {ItemStatus.QUEUED}
+    assert "2 retried after an error" in (outcome.problem() or "")
     assert all("StorageRefused" in (i.last_error or "") for i in found)
     assert all(i.attempts - i.attempts_before_retry == 1 for i in found)
     assert not worker.services.storage_breaker.trips
@@ -179,11 +186,11 @@ def test_a_ledger_outage_while_storing_pauses_and_records_the_image_once(
         drawing.start()
         until(lambda: {i.status for i in items(direct)} == {ItemStatus.RUNNING})
         database.down()
-        drawing.join(10)
         until(lambda: worker.services.ledger_breaker.is_open)
         time.sleep(1)
         database.up()
-        until(lambda: {i.status for i in items(direct)} == {ItemStatus.SUCCEEDED})
+        drawing.join(30)
+        assert {i.status for i in items(direct)} == {ItemStatus.SUCCEEDED}
         worker.close()
         proxied.dispose()
     assert [i.attempts for i in items(direct)] == [1, 1]

@@ -590,3 +590,137 @@ def test_the_bucket_policy_grants_one_principal_read_only() -> None:
         actions = [actions] if isinstance(actions, str) else actions
         assert set(actions) <= {"s3:GetObject", "s3:ListBucket"}, statement
     assert '"*"' not in json.dumps(policy)
+
+
+# --- the Grafana dashboard -----------------------------------------------------------------
+
+GRAFANA = DEPLOY / "grafana"
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "gauge": ("",),
+}
+"""The series Prometheus stores for a metric family of each type."""
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and"}
+PROMQL_WORDS |= {"or", "unless", "offset", "inf", "nan", "Inf", "NaN"}
+
+
+def exported_series() -> dict[str, str]:
+    """Every series name skufleet exports, and its metric type: the exporter's families
+    (``producer.metrics``) and the workers' (``worker.metrics``, from the default registry
+    they register on), read from the code."""
+    from prometheus_client import REGISTRY
+
+    import skufleet.worker.metrics  # noqa: F401  (registers the worker's metrics)
+    from skufleet.producer.metrics import families
+
+    found = {}
+    for family in [*families().values(), *REGISTRY.collect()]:
+        if family.name.startswith("skufleet_"):
+            found |= {family.name + suffix: family.type for suffix in SUFFIXES[family.type]}
+    return found
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers outside strings, label
+    matchers, ranges and grouping clauses that are neither functions nor keywords."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][\w:]*", text):
+        if text[match.end() :].lstrip().startswith("(") or match.group(0) in PROMQL_WORDS:
+            continue  # a function, or an aggregation's keyword
+        names.add(match.group(0))
+    return names
+
+
+def dashboard() -> dict[str, Any]:
+    document = json.loads((GRAFANA / "skufleet.json").read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    """Every panel's title → its PromQL expressions, and the template variables' queries."""
+    queries = {
+        panel["title"]: [target["expr"] for target in panel.get("targets", [])]
+        for panel in dashboard()["panels"]
+        if panel["type"] != "row"
+    }
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            queries[f"${variable['name']}"] = [variable["definition"]]
+    return queries
+
+
+def test_the_promql_name_check_finds_metrics_and_skips_functions_labels_and_keywords() -> None:
+    """The check itself: names outside functions, matchers, ranges and `by (…)` are found."""
+    expr = (
+        'sum by (run) (skufleet_items{status=~"queued|x_total"}) / (sum by (le, device) '
+        "(rate(skufleet_worker_render_seconds_bucket[5m])) > 0) * 1e-9 + on(run) group_left "
+        "nope_metric"
+    )
+    assert metric_names(expr) == {
+        "skufleet_items",
+        "skufleet_worker_render_seconds_bucket",
+        "nope_metric",
+    }
+    # a template variable's label_values() names a label too: the caller drops it
+    assert metric_names("label_values(skufleet_items, run)") == {"skufleet_items", "run"}
+
+
+def test_every_dashboard_query_reads_only_metrics_the_code_exports() -> None:
+    """Each panel has queries, and every metric they name is one that producer/metrics.py
+    or worker/metrics.py exports (a renamed metric fails here, not on a blank panel)."""
+    exported = exported_series()
+    assert "skufleet_worker_images_total" in exported and "skufleet_items" in exported
+    for title, exprs in dashboard_queries().items():
+        assert exprs, title
+        for expr in exprs:
+            names = metric_names(expr) - ({"run"} if title.startswith("$") else set())
+            assert names, (title, expr)
+            assert names <= set(exported), (title, sorted(names - set(exported)))
+
+
+def test_dashboard_rates_come_from_worker_counters_and_cover_the_fleet() -> None:
+    """rate() reads only counters and histogram buckets (deriv() only gauges); the
+    dashboard shows queue depth, images/s per GPU, failures and each run's ETA and
+    remaining items."""
+    exported = exported_series()
+    exprs = [expr for found in dashboard_queries().values() for expr in found]
+    for expr in exprs:
+        for function, argument in re.findall(r"\b(rate|increase|deriv)\(([^\[]*)\[", expr):
+            for name in metric_names(argument):
+                kind = "gauge" if function == "deriv" else ("counter", "histogram")
+                assert exported[name] in kind, (function, name)
+                if function != "deriv":
+                    assert name.endswith(("_total", "_bucket")), name
+    titles = set(dashboard_queries())
+    assert {"Queue depth", "Images per second per GPU", "ETA", "Remaining items"} <= titles
+    assert any("rate(skufleet_worker_images_total" in expr for expr in exprs)
+    assert any("skufleet_run_failures" in expr for expr in exprs)
+    assert any('status="failed"' in expr for expr in exprs)
+
+
+def test_the_dashboard_and_its_provisioning_example_fit_together() -> None:
+    """Panels have unique ids and a place on the grid; every query goes to the datasource
+    variable; the provisioning example loads files from a folder, and the Prometheus
+    example scrapes the exporter's port."""
+    panels = dashboard()["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    assert all({"x", "y", "w", "h"} <= set(panel["gridPos"]) for panel in panels)
+    for panel in panels:
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+    (provider,) = yaml.safe_load((GRAFANA / "provisioning/dashboards/skufleet.yaml").read_text())[
+        "providers"
+    ]
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+    (source,) = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    assert source["type"] == "prometheus"
+    scrape = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())["scrape_configs"]
+    targets = [t for job in scrape for config in job["static_configs"] for t in config["targets"]]
+    assert any(target.endswith(":9808") for target in targets)

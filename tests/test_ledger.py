@@ -59,6 +59,11 @@ def claim(
     return result.claims
 
 
+def finish(engine: sa.Engine, held: ledger.Claim) -> bool:
+    """Finish ``held`` as its worker would, with a 64×64 PNG of 1 byte."""
+    return ledger.finish(engine, held, 1, "0" * 64, 0.1, width=64, height=64, image_format="png")
+
+
 def statuses(engine: sa.Engine) -> dict[int, str]:
     with engine.connect() as conn:
         return {row.id: row.status for row in conn.execute(sa.select(Item.id, Item.status))}
@@ -82,9 +87,9 @@ def test_a_stale_attempt_cannot_finish_or_fail(engine: sa.Engine) -> None:
     assert ledger.fail(engine, stale, "boom", retry=True, max_attempts=3) is ItemStatus.QUEUED
     fresh = claim(engine, [item_id], "w2")[0]
     assert fresh.attempt == 2
-    assert ledger.finish(engine, stale, 1, "0" * 64, 0.1) is False
+    assert finish(engine, stale) is False
     assert ledger.fail(engine, stale, "late", retry=True, max_attempts=3) is None
-    assert ledger.finish(engine, fresh, 1, "0" * 64, 0.1) is True
+    assert finish(engine, fresh) is True
     assert statuses(engine)[item_id] == "succeeded"
 
 
@@ -118,7 +123,7 @@ def test_merging_a_catalogue_again_inserts_new_and_resets_changed_items(
     ids = add_run(engine, 4)  # SKU-0..3, prompts "prompt i", all queued
     done = claim(engine, ids[:2], "w")
     for claimed in done:
-        ledger.finish(engine, claimed, 1, "0" * 64, 0.1)
+        finish(engine, claimed)
     running = claim(engine, ids[2:3], "w")[0]
     rows = [item(f"SKU-{i}", f"prompt {i}") for i in range(6)]
     rows[1]["prompt"] = "a new prompt"  # succeeded, changed → pending
@@ -139,7 +144,7 @@ def test_merging_a_catalogue_again_inserts_new_and_resets_changed_items(
     assert found["SKU-1"].prompt == "a new prompt" and found["SKU-1"].sha256 is None
     assert found["SKU-1"].attempts_before_retry == 1  # the cap counts afresh
     assert (found["SKU-2"].steps, found["SKU-3"].seed) == (30, 9)
-    assert ledger.finish(engine, running, 1, "0" * 64, 0.1)  # its claim still holds
+    assert finish(engine, running)  # its claim still holds
 
 
 def test_merging_stores_each_items_key_and_a_new_format_moves_it(engine: sa.Engine) -> None:
@@ -211,7 +216,7 @@ def test_cancel_stops_open_items_and_retry_brings_back_failed_and_cancelled(
         run_id = ledger.find_run_id(conn, "r1")
         assert ledger.cancel_run(conn, run_id) == 2
     assert claim(engine, ids, "w") == []  # cancelled items are skipped
-    assert ledger.finish(engine, running, 1, "0" * 64, 0.1)
+    assert finish(engine, running)
     with engine.begin() as conn:
         assert ledger.retry_run(conn, run_id, failed_only=True) == 1
         assert ledger.retry_run(conn, run_id, failed_only=False) == 2
@@ -243,7 +248,7 @@ def test_expired_leases_are_requeued_or_dead_lettered_at_the_cap(engine: sa.Engi
     assert rows[ids[0]].status == "queued" and "lease expired" in rows[ids[0]].last_error
     assert "w@dead" in rows[ids[0]].last_error
     assert rows[ids[1]].status == "failed" and rows[ids[2]].status == "running"
-    assert not ledger.finish(engine, first, 1, "0" * 64, 0.1)  # the fence holds
+    assert not finish(engine, first)  # the fence holds
     assert ledger.renew(engine, live, 60) and not ledger.renew(engine, second, 60)
 
 

@@ -18,7 +18,10 @@ def test_a_run_whose_other_items_were_cancelled_is_done(engine: sa.Engine) -> No
     drawn, so the wait returns their counts instead of running into its deadline."""
     ids = add_run(engine, 3)
     drawn = claim(engine, ids[:1], "w")[0]
-    assert ledger.finish(engine, drawn, 1, "0" * 64, 0.1) is True
+    assert (
+        ledger.finish(engine, drawn, 1, "0" * 64, 0.1, width=64, height=64, image_format="png")
+        is True
+    )
     seen: list[int] = []
     with pytest.raises(ConfigError, match="still waiting"):
         wait_for_run(engine, "r1", 3, deadline=time.monotonic(), late="still waiting")

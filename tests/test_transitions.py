@@ -16,7 +16,7 @@ from skufleet.schemas import ledger
 from skufleet.schemas.ledger.transitions import INITIAL, OPEN, TERMINAL, TRANSITIONS, Transition
 from skufleet.schemas.params import GenerationParams
 from skufleet.schemas.tables import Item, ItemStatus
-from tests.test_ledger import item
+from tests.test_ledger import finish, item
 
 QUEUED, FAILED = ItemStatus.QUEUED, ItemStatus.FAILED
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
@@ -70,10 +70,10 @@ def test_open_and_terminal_statuses_split_the_statuses_and_open_ones_can_come_to
 
 
 def test_only_explicit_commands_move_an_item_out_of_a_terminal_status() -> None:
-    """Succeeded, failed and cancelled items are left alone by workers and the reconciler:
-    only a retry or an enqueue with changed content moves them."""
+    """Succeeded, failed, cancelled and retired items are left alone by workers and the
+    reconciler: only a retry or an enqueue (changing, retiring or reviving them) moves them."""
     leaving = {name for name, move in TRANSITIONS.items() if set(move.sources) & set(TERMINAL)}
-    assert leaving == {"retry_run", "change"}
+    assert leaving == {"retry_run", "change", "retire", "revive"}
     assert all(TRANSITIONS[name].command for name in leaving)
 
 
@@ -190,6 +190,32 @@ def restage(engine: sa.Engine, run_id: int, _ids: list[int]) -> object:
         return staging.merge()
 
 
+def retire_all(engine: sa.Engine, run_id: int, _ids: list[int]) -> object:
+    """Enqueue the run again with a catalogue that has none of its SKUs."""
+    with ledger.begin(engine) as conn:
+        staging = ledger.ItemStaging(conn, run_id)
+        retirement = staging.retire_missing()
+        staging.merge()
+        return retirement
+
+
+def restage_unchanged(engine: sa.Engine, run_id: int, _ids: list[int]) -> object:
+    """Enqueue the run again with every item as it was."""
+    with ledger.begin(engine) as conn:
+        staging = ledger.ItemStaging(conn, run_id)
+        staging.add([item(status.value, "p") for status in ItemStatus])
+        return staging.merge()
+
+
+def stored_then_restaged(engine: sa.Engine, run_id: int, ids: list[int]) -> object:
+    """The retired item's object is still held by the ledger; then the same enqueue."""
+    with ledger.begin(engine) as conn:
+        conn.execute(
+            sa.update(Item).where(Item.sku == ItemStatus.RETIRED.value).values(sha256="0" * 64)
+        )
+    return restage_unchanged(engine, run_id, ids)
+
+
 @dataclass(frozen=True)
 class Case:
     moves: tuple[str, ...]
@@ -211,7 +237,7 @@ CASES = {
         lambda engine, run_id, ids: ledger.claim(engine, run_id, "tiny", ids, "w2", "cpu", 60),
     ),
     "renew": Case(("renew",), each(lambda engine, c: ledger.renew(engine, c, 60))),
-    "finish": Case(("finish",), each(lambda engine, c: ledger.finish(engine, c, 1, "0" * 64, 0.1))),
+    "finish": Case(("finish",), each(lambda engine, c: finish(engine, c))),
     "retry_error": Case(
         ("retry_error",),
         each(lambda engine, c: ledger.fail(engine, c, "boom", retry=True, max_attempts=3)),
@@ -251,6 +277,11 @@ CASES = {
         sources=lambda move: move.narrowed(FAILED),
     ),
     "change": Case(("change", "change_queued"), restage),
+    "retire": Case(("retire",), retire_all),
+    "revive": Case(("revive",), restage_unchanged, target=lambda move: move.to(ItemStatus.PENDING)),
+    "revive with its object": Case(
+        ("revive",), stored_then_restaged, target=lambda move: move.to(ItemStatus.SUCCEEDED)
+    ),
 }
 
 

@@ -11,9 +11,9 @@ it is open:
 
 - the render task waits before claiming, so the worker takes no new message (its Celery
   heartbeats go on: the GPU shows as online and idle in Flower);
-- each image already drawn waits in memory (at most the hand-off's bound) and is stored as
-  soon as the service answers, its lease renewed meanwhile: no attempt is spent and no
-  image is drawn again.
+- each image already drawn waits in memory (at most two batches, one per task thread) and
+  is stored as soon as the service answers, its lease renewed meanwhile: no attempt is
+  spent and no image is drawn again.
 
 Plain threads, no Celery, so the renderer's tests drive it directly.
 """

@@ -35,12 +35,18 @@ def create_app(settings: Settings) -> Celery:
         # The ledger holds every item's state; task results would only fill Redis.
         task_ignore_result=True,
         result_backend=None,
-        # Ack after the batch is done, so a worker killed mid-batch has its message
-        # redelivered; the ledger's attempt cap keeps a poison item from looping forever.
+        # Ack after the batch is drawn and stored, so a worker killed mid-batch has its
+        # message redelivered; the ledger's attempt cap keeps a poison item from looping.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # One message at a time per device: a prefetched batch would wait on this GPU
-        # while another GPU of the fleet sits idle.
+        # A task that ends FAILURE (BatchFailed: some item failed or was retried) is acked,
+        # not requeued: the items' own retries are messages of their own, and the ledger
+        # holds every item's state. (Celery's default, written down because it matters.)
+        task_acks_on_failure_or_timeout=True,
+        # Celery reserves multiplier × concurrency messages: with two task threads per
+        # device (one drawing, one storing) that is two, both in a thread, none waiting in
+        # a buffer. The second may wait for the device while the first draws, unclaimed (no
+        # lease ticks) and unacked: for at most one batch, under the visibility timeout.
         worker_prefetch_multiplier=1,
         # A worker outlives broker restarts: keep reconnecting, without a limit (the first
         # connection is retried as in every app).

@@ -5,19 +5,31 @@
 
 Each step is a function of an image and the item's :class:`~schemas.output.OutputSpec`, so
 a test can call any of them alone. Nothing here touches the GPU, Celery or the network.
+
+Labels are drawn in any script: each character with the first of the label fonts that has
+it, ``SKUFLEET_LABEL_FONT`` where set, then the two that ship in ``examples/fonts/``
+(Latin, Greek and Cyrillic; Chinese, Japanese and Korean: see ``build_font.py`` there). A
+character none of them has is drawn as the first font's box, and named in one warning.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import textwrap
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from skufleet.schemas.output import OutputSpec
+
+log = logging.getLogger(__name__)
 
 PANEL_RATIO = 0.75
 """Width of the annotation panel relative to the image's width."""
@@ -38,33 +50,135 @@ class Encoded:
     body: bytes
     content_type: str
     extension: str
+    width: int
+    """Pixels of the encoded image: the drawn size, plus any label panel, after any
+    thumbnail."""
+    height: int
+    format: str
+    """``png``, ``webp`` or ``jpeg`` (the spec's)."""
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+SHIPPED_FONTS = ("SkufleetLabelSans-Latin.ttf", "SkufleetLabelSans-CJK.otf")
+"""The label fonts in the package's ``examples/fonts/``, in the order they are tried."""
+_PROBE_SIZE = 24
+"""Pixels per em at which a font is asked whether it has a character."""
+_NOT_A_CHARACTER = "\uffff"
+"""A noncharacter no font maps: what it draws is the font's .notdef glyph (its box)."""
+_warned: set[str] = set()
+"""Characters that no label font has, already named in a warning by this process."""
 
 
-def annotate(image: Image.Image, labels: tuple[str, ...]) -> Image.Image:
+def shipped_fonts() -> tuple[Path, ...]:
+    """The paths of the label fonts that ship with skufleet."""
+    folder = resources.files("skufleet").joinpath("examples", "fonts")
+    return tuple(Path(str(folder.joinpath(name))) for name in SHIPPED_FONTS)
+
+
+@functools.lru_cache(maxsize=64)
+def _face(path: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size)
+
+
+@functools.lru_cache(maxsize=16)
+def _probe(path: str) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, _PROBE_SIZE, layout_engine=ImageFont.Layout.BASIC)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def has_glyph(path: str, char: str) -> bool:
+    """Whether the font at ``path`` maps ``char`` to a glyph of its own rather than to its
+    .notdef box (Pillow shows no character map: a missing character draws what a
+    noncharacter draws). Asked without text shaping, which would draw a missing ``Č`` as
+    ``C`` and a loose caron."""
+    font = _probe(path)
+    drawn, box = font.getmask(char), font.getmask(_NOT_A_CHARACTER)
+    return drawn.size != box.size or bytes(drawn) != bytes(box)
+
+
+@dataclass(frozen=True)
+class LabelFont:
+    """The label fonts at one size, tried in order for each character."""
+
+    paths: tuple[str, ...]
+    size: int
+
+    @classmethod
+    def at(cls, size: int, label_font: Path | None = None) -> LabelFont:
+        """``label_font`` (``SKUFLEET_LABEL_FONT``) where given, then the shipped fonts."""
+        chain = ([label_font] if label_font is not None else []) + list(shipped_fonts())
+        return cls(tuple(str(path) for path in chain), size)
+
+    @property
+    def ascent(self) -> int:
+        return max(_face(path, self.size).getmetrics()[0] for path in self.paths)
+
+    @property
+    def line_height(self) -> int:
+        metrics = [_face(path, self.size).getmetrics() for path in self.paths]
+        return int(max(up + down for up, down in metrics) * 1.15) + 1
+
+    def runs(self, text: str) -> list[tuple[str, ImageFont.FreeTypeFont]]:
+        """``text`` cut where the font that draws it changes; a character none has goes to
+        the first font (its box) and is named in a warning, once per process."""
+        runs: list[tuple[str, str]] = []
+        missing = set()
+        for char in text:
+            path = next((p for p in self.paths if has_glyph(p, char)), None)
+            if path is None:
+                path = self.paths[0]
+                if not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf"):
+                    missing.add(char)
+            if runs and runs[-1][1] == path:
+                runs[-1] = (runs[-1][0] + char, path)
+            else:
+                runs.append((char, path))
+        if missing - _warned:
+            _warn_missing(missing - _warned)
+        return [(chunk, _face(path, self.size)) for chunk, path in runs]
+
+    def length(self, text: str) -> float:
+        return sum(font.getlength(chunk) for chunk, font in self.runs(text))
+
+    def draw(self, ink: ImageDraw.ImageDraw, xy: tuple[int, int], text: str) -> None:
+        """``text`` with its top-left corner at ``xy``, every run on one baseline."""
+        x, baseline = float(xy[0]), xy[1] + self.ascent
+        for chunk, font in self.runs(text):
+            ink.text((x, baseline), chunk, fill=(20, 20, 20), font=font, anchor="ls")
+            x += font.getlength(chunk)
+
+
+def _warn_missing(chars: set[str]) -> None:
+    _warned.update(chars)
+    named = ", ".join(f"{char} (U+{ord(char):04X})" for char in sorted(chars))
+    log.warning(
+        "labels hold characters no label font has, drawn as boxes: %s; set "
+        "SKUFLEET_LABEL_FONT to a font that has them",
+        named,
+    )
+
+
+def annotate(
+    image: Image.Image, labels: tuple[str, ...], label_font: Path | None = None
+) -> Image.Image:
     """The image on the left of a wider canvas, the labels as a numbered list on the right.
 
     Text is wrapped to the panel's width and the canvas grows taller if the list needs it,
-    so no label is ever drawn off the canvas.
+    so no label is ever drawn off the canvas. ``label_font`` is tried before the shipped
+    fonts.
     """
     if not labels:
         return image
     width, height = image.size
     panel = max(96, int(width * PANEL_RATIO))
     margin = max(6, width // 40)
-    font = _font(max(10, width // 28))
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_height = int(draw.textbbox((0, 0), "Ag", font=font)[3] * 1.3) + 1
-    average = max(1.0, draw.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
+    font = LabelFont.at(max(10, width // 28), label_font)
+    line_height = font.line_height
+    average = max(1.0, font.length("abcdefghijklmnopqrstuvwxyz") / 26)
     columns = max(8, int((panel - 2 * margin) / average))
 
     lines: list[str] = []
     for number, label in enumerate(labels, 1):
-        wrapped = _wrap(f"{number}. {label}", columns, panel - 2 * margin, font, draw)
-        lines += [*wrapped, ""]
+        lines += [*_wrap(f"{number}. {label}", columns, panel - 2 * margin, font), ""]
     canvas_height = max(height, 2 * margin + line_height * len(lines))
     canvas = Image.new("RGB", (width + panel, canvas_height), "white")
     canvas.paste(image.convert("RGB"), (0, 0))
@@ -72,22 +186,16 @@ def annotate(image: Image.Image, labels: tuple[str, ...]) -> Image.Image:
     ink.line([(width, 0), (width, canvas_height)], fill=(200, 200, 200), width=1)
     y = margin
     for line in lines:
-        ink.text((width + margin, y), line, fill=(20, 20, 20), font=font)
+        font.draw(ink, (width + margin, y), line)
         y += line_height
     return canvas
 
 
-def _wrap(
-    text: str,
-    columns: int,
-    max_width: int,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    draw: ImageDraw.ImageDraw,
-) -> list[str]:
+def _wrap(text: str, columns: int, max_width: int, font: LabelFont) -> list[str]:
     """Wrap to ``columns`` characters, then narrower until every line fits ``max_width``."""
     while True:
         lines = textwrap.wrap(text, columns, break_long_words=True) or [""]
-        if columns <= 4 or all(draw.textlength(line, font=font) <= max_width for line in lines):
+        if columns <= 4 or all(font.length(line) <= max_width for line in lines):
             return lines
         columns -= 2
 
@@ -158,12 +266,18 @@ def encode(image: Image.Image, spec: OutputSpec, metadata: Mapping[str, str]) ->
         exif[EXIF_USER_COMMENT] = json.dumps(fields, ensure_ascii=True)
         pil_format = "WEBP" if spec.format == "webp" else "JPEG"
         image.convert("RGB").save(buffer, format=pil_format, quality=spec.quality, exif=exif)
-    return Encoded(buffer.getvalue(), spec.content_type, spec.extension)
+    return Encoded(buffer.getvalue(), spec.content_type, spec.extension, *image.size, spec.format)
 
 
-def process(image: Image.Image, spec: OutputSpec, metadata: Mapping[str, str]) -> Encoded:
-    """The whole chain for one image."""
-    return encode(thumbnail(annotate(image, spec.labels), spec.max_side), spec, metadata)
+def process(
+    image: Image.Image,
+    spec: OutputSpec,
+    metadata: Mapping[str, str],
+    label_font: Path | None = None,
+) -> Encoded:
+    """The whole chain for one image; ``label_font`` is ``Settings.label_font``."""
+    annotated = annotate(image, spec.labels, label_font)
+    return encode(thumbnail(annotated, spec.max_side), spec, metadata)
 
 
 def read_metadata(body: bytes) -> dict[str, str]:

@@ -3,8 +3,9 @@ pipeline once, then consume the model's queue with Celery until stopped.
 
 Started by the launcher (``skufleet-worker``) with ``CUDA_VISIBLE_DEVICES`` already pinned,
 so inside this process the GPU is always ``cuda:0``. No CUDA work happens before the
-worker starts, and no child is forked afterwards: the pool is a single thread, which
-keeps the main thread free to send heartbeats to Flower and the broker during long batches.
+worker starts, and no child is forked afterwards: the pool is two threads (one task draws on
+the device while the other stores its batch, ``worker.render``), which keeps the main thread
+free to send heartbeats to Flower and the broker during long batches.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from skufleet.schemas.redact import redact_url
 from skufleet.schemas.settings import Settings, load_settings
 from skufleet.worker.celery_app import burst_step, create_app
 from skufleet.worker.pipeline import ImageModel, Pipeline, PipelineOptions
-from skufleet.worker.render import Renderer
+from skufleet.worker.render import TASK_THREADS, Renderer
 from skufleet.worker.storage import Storage
 from skufleet.worker.tasks import make_requeue, register_render
 
@@ -166,7 +167,8 @@ def serve(
     argv = [
         "worker",
         "--pool=threads",  # torch releases the GIL; the main thread keeps heartbeats flowing
-        "--concurrency=1",  # one batch at a time per device
+        # one task draws (holding the device) while the other stores its batch
+        f"--concurrency={TASK_THREADS}",
         f"--queues={queue}",
         f"--hostname={hostname}",
         f"--loglevel={loglevel}",
@@ -185,7 +187,8 @@ def serve(
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:
-        # images drawn before the stop are stored and recorded before the process exits
+        # a warm shutdown waits for the tasks, and each task stores what it drew before it
+        # returns; then the storing threads stop
         renderer.close()
     return int(started[0].exitcode or 0) if started else EXIT_FAILED
 
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None, load: Loader = Pipeline.load) -> int:
         from skufleet.worker import metrics
 
         try:
-            metrics.serve(args.metrics_port, args.metrics_address)
+            metrics.serve(args.metrics_port, args.metrics_address, device=args.name)
         except OSError as exc:
             log.critical(
                 "%s cannot serve metrics on port %d: %s", args.name, args.metrics_port, exc

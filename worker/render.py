@@ -1,13 +1,19 @@
-"""One render message, start to finish: claim, draw, then encode, upload and record.
+"""One render message, start to finish: claim, draw, store, and what became of each item.
 
-Plain Python with no Celery in it: the task in ``worker.tasks`` decodes the message and
-calls :meth:`Renderer.handle`; retries go back to the queue through the ``requeue``
-callable the task module provides.
+Plain Python with no Celery in it: the task in ``worker.tasks`` decodes the message, calls
+:meth:`Renderer.handle`, and turns the :class:`Outcome` into the task's final state; retries
+go back to the queue through the ``requeue`` callable the task module provides.
 
-The GPU part (claim and draw) runs in the task; encoding, upload and the ledger update of
-each image run on background threads (:class:`~worker.handoff.Handoff`), so the next batch
-is already drawing while this one is stored. A message is acknowledged once its batch is
-drawn; from then on the ledger (each item's lease and attempt) keeps the item safe.
+Two task threads share one device, and the device is a lock. A task takes the device, then
+claims its items (the claim starts their leases, so it waits until the device is its own),
+draws, and lets go of the device; then it stores its batch (``worker.store``) while the other
+task takes the device and draws the next one. So one batch is stored while the next draws,
+and at most two batches are in memory (one drawing, one storing): a crash or an outage costs
+at most two batches. One exception: an item on a second or later attempt (it may be what
+killed a worker before) draws only once no other batch is being stored, so a poison item
+that kills its worker costs no one else an attempt. A task returns only once every item it
+claimed is stored or settled, so its final state covers its whole batch, storing included
+(:meth:`Outcome.problem`).
 
 A run's completion (its manifest and webhook) is not the worker's: the reconciler
 (``skufleet reconcile --watch``) completes every finished run on its next pass.
@@ -15,20 +21,14 @@ A run's completion (its manifest and webhook) is not the worker's: the reconcile
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
-from urllib.parse import quote
+from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from sqlalchemy.engine import Engine
 
 from skufleet.schemas import ledger
@@ -37,28 +37,27 @@ from skufleet.schemas.errors import (
     FatalError,
     ItemError,
     LedgerUnavailable,
-    RetryableError,
     SkufleetError,
     Stopping,
 )
-from skufleet.schemas.output import OutputSpec
+from skufleet.schemas.label import label, retry_note
 from skufleet.schemas.params import GenerationParams, RenderPayload
 from skufleet.schemas.settings import Settings
 from skufleet.schemas.tables import ItemStatus
 from skufleet.worker import metrics
-from skufleet.worker.handoff import BatchLog, Handoff
 from skufleet.worker.outage import Services
+from skufleet.worker.outcome import Outcome, describe_error
 from skufleet.worker.pipeline import Batch, ImageModel, Job
-from skufleet.worker.postprocess import process
 from skufleet.worker.storage import Storage
+from skufleet.worker.store import Fate, Store, Stored
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+Requeue = Callable[[RenderPayload, float, str], None]
+"""Publish ``payload`` again after ``countdown`` seconds, showing ``label`` in Flower."""
 
-Requeue = Callable[[RenderPayload, float], None]
-"""Publish ``payload`` again after ``countdown`` seconds."""
-
+TASK_THREADS = 2
+"""Task threads per device (the Celery pool's concurrency): one draws while one stores."""
 MAX_BACKOFF_SECONDS = 600.0
 _DEVICE_FAILURES = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert")
 
@@ -69,27 +68,9 @@ def backoff(base: float, attempt: int) -> float:
     return delay * random.uniform(0.8, 1.2)
 
 
-def describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-@dataclass
-class Outcome:
-    """What :meth:`Renderer.handle` did with a message (storing continues in the background).
-
-    Every result of a message is data here; ``handle`` raises only :class:`Stopping`, when
-    the process stops while the ledger or storage is away."""
-
-    claimed: int = 0
-    drawn: int = 0
-    refused: str | None = None
-    """Why the message was not rendered at all (it does not match the ledger or this worker)."""
-    fatal: FatalError | None = None
-    """Set when the device cannot go on; its items were handed back to the fleet."""
-
-
 class Renderer:
-    """Renders the items of one message with the process's pinned pipeline."""
+    """Renders the items of one message with the process's pinned pipeline; two task
+    threads call :meth:`handle` at once (see the module docstring)."""
 
     def __init__(
         self,
@@ -99,7 +80,6 @@ class Renderer:
         storage: Storage,
         worker_name: str,
         requeue: Requeue,
-        handoff: Handoff | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -107,33 +87,48 @@ class Renderer:
         self.storage = storage
         self.worker_name = worker_name
         self.requeue = requeue
-        self.handoff = handoff or Handoff()
         self.device = pipeline.describe_device()
         self.batch_limit: int | None = None
         """Largest batch that fits the device, learnt from out-of-memory errors."""
+        self.fatal: FatalError | None = None
+        """Set once the device failed: no task draws on it again."""
         self._first_draw: float | None = None
         self._gpu_seconds = 0.0
         self.services = Services(settings, engine, storage)
         """The ledger and the bucket behind circuit breakers: outages pause the worker."""
-        self._storing = threading.Semaphore(1)
-        """Held by the one batch being stored: the next batch draws meanwhile, the one after
-        waits, so an outage or a crash costs at most two batches."""
+        self.store = Store(settings, engine, self.services, pipeline.model)
+        self._device = threading.Lock()
+        """Held by the one task that claims and draws; storing happens outside it."""
+        self._storing = 0
+        """Batches being stored now (at most one while another draws)."""
+        self._stores = threading.Condition()
+        self._in_hand = 0
+        self._in_hand_lock = threading.Lock()
 
     def busy(self) -> bool:
-        """True while images are still being stored in the background."""
-        return self.handoff.pending > 0
+        """True while a message is being rendered or its batch stored."""
+        return self._in_hand > 0
 
     def interrupt(self) -> None:
-        """The process is stopping: work waiting out an outage is handed back instead."""
+        """The process is stopping: work waiting out an outage is handed back instead, and
+        a task that has not claimed yet gives its message back."""
         self.services.interrupt()
 
     def close(self) -> None:
-        """Finish storing every drawn image (on shutdown, so no lease is left to expire);
-        images still waiting for an outage to end are handed back to the ledger."""
+        """On shutdown, once the tasks have returned: stop the storing threads."""
         self.interrupt()
-        self.handoff.close()
+        self.store.close()
 
     def handle(self, payload: RenderPayload) -> Outcome:
+        with self._in_hand_lock:
+            self._in_hand += 1
+        try:
+            return self._handle(payload)
+        finally:
+            with self._in_hand_lock:
+                self._in_hand -= 1
+
+    def _handle(self, payload: RenderPayload) -> Outcome:
         outcome = Outcome()
         if payload.model != self.pipeline.model:
             outcome.refused = (
@@ -141,14 +136,119 @@ class Renderer:
             )
             log.warning("refusing a message for run %s: %s", payload.run_id, outcome.refused)
             return outcome
-        # 1. claim: one compare-and-set UPDATE of the message's run's items, if that run is
-        # drawn with our model; render only what we won, with what the ledger says
-        # (while the ledger or storage is down the message waits here: no new work is taken,
-        # and the message stays unacknowledged until it can be claimed)
+        with self._device_turn():
+            # 1. claim: one compare-and-set UPDATE of the message's run's items, if that run is
+            # drawn with our model; render only what we won, with what the ledger says
+            result = self._claim(payload)
+            if result.refused is not None:
+                outcome.refused = result.refused
+                log.warning(
+                    "refusing a message for run %s on a worker of model %r: %s",
+                    payload.run_id,
+                    self.pipeline.model,
+                    result.refused,
+                )
+                return outcome
+            claims = result.claims
+            outcome.claimed = len(claims)
+            if not claims:
+                log.info(
+                    "nothing to do for %d items of run %s (done, taken or cancelled)",
+                    len(payload.item_ids),
+                    result.run_name,
+                )
+                return outcome
+
+            if not self._isolate(claims):
+                outcome.released = self._release(payload, claims, Stopping("stopping"))
+                return outcome
+
+            # 2. draw the batch; the items of one message share their parameters
+            jobs = [Job(c.prompt, c.negative_prompt, c.seed) for c in claims]
+            started = time.perf_counter()
+            try:
+                batch = self._draw(jobs, claims[0].params)
+            except FatalError as exc:
+                metrics.FAILED_BATCHES.inc()
+                self.fatal = outcome.fatal = exc
+                outcome.released = self._release(payload, claims, exc)
+                return outcome
+            except Exception as exc:  # any error of the model is recorded on its items
+                metrics.FAILED_BATCHES.inc()
+                log.exception("drawing %d items failed", len(claims))
+                # a batch that failed as a whole is retried one item per message, so that a
+                # single bad item cannot keep failing the others
+                self._fail(
+                    outcome,
+                    payload,
+                    claims,
+                    exc,
+                    retry=not isinstance(exc, ItemError),
+                    one_per_message=len(claims) > 1,
+                )
+                return outcome
+            outcome.drawn = len(claims)
+            self._account(started, batch)
+            self.services.hold(claims)  # their leases are kept until they are stored
+            with self._stores:
+                self._storing += 1  # before the device is free: a retry waits for this batch
+        seconds_per_item = (time.perf_counter() - started) / len(claims)
+
+        # 3. store: encode, upload and record each image, while the other task draws
+        try:
+            stored = self.store.batch(claims, batch, seconds_per_item, self.gpu_busy)
+            # 4. settle what could not be stored
+            self._settle(payload, stored, outcome)
+        finally:
+            with self._stores:
+                self._storing -= 1
+                self._stores.notify_all()
+            for claim in claims:
+                self.services.unhold(claim)
+        return outcome
+
+    def _isolate(self, claims: Sequence[ledger.Claim]) -> bool:
+        """A retried item may be what killed a worker before: before it draws, wait (holding
+        the device, the claims' leases kept) until no batch of this worker is being stored,
+        so that if it kills the process it costs only itself. False if the process stops
+        first; True at once for a batch of first attempts."""
+        if all(c.attempt - c.attempts_before_retry <= 1 for c in claims):
+            return True
+        self.services.hold(claims)
+        try:
+            with self._stores:
+                while self._storing:
+                    if self.services.stopping:
+                        return False
+                    self._stores.wait(1.0)
+            return True
+        finally:
+            for claim in claims:  # not renewed while drawing: a hung device loses its lease
+                self.services.unhold(claim)
+
+    @contextlib.contextmanager
+    def _device_turn(self) -> Iterator[None]:
+        """Hold the device for a claim and a draw. Raises Stopping, before anything is
+        claimed, when the process stops or the device leaves the rotation meanwhile."""
+        while not self._device.acquire(timeout=1.0):
+            if self.services.stopping:
+                raise Stopping("the worker is stopping")
+        try:
+            if self.fatal is not None:
+                raise Stopping(f"{self.device} is out of rotation: {self.fatal}")
+            if self.services.stopping:
+                raise Stopping("the worker is stopping")
+            yield
+        finally:
+            self._device.release()
+
+    def _claim(self, payload: RenderPayload) -> ledger.ClaimResult:
+        """Claim the message's items; while the ledger or storage is down the message waits
+        here (no new work is taken, and it stays unacknowledged until it can be claimed)."""
         while True:
             self.services.wait()
             try:
-                result = ledger.claim(
+                return ledger.claim(
                     self.engine,
                     payload.run_id,
                     self.pipeline.model,
@@ -157,80 +257,32 @@ class Renderer:
                     self.device,
                     self.settings.lease_seconds,
                 )
-                break
             except LedgerUnavailable as exc:
                 self.services.ledger_breaker.trip(exc)
-        if result.refused is not None:
-            outcome.refused = result.refused
-            log.warning(
-                "refusing a message for run %s on a worker of model %r: %s",
-                payload.run_id,
-                self.pipeline.model,
-                result.refused,
-            )
-            return outcome
-        claims = result.claims
-        outcome.claimed = len(claims)
-        if not claims:
-            log.info(
-                "nothing to do for %d items of run %s (done, taken or cancelled)",
-                len(payload.item_ids),
-                result.run_name,
-            )
-            return outcome
-        run = claims[0].run_name
 
-        # 2. draw the batch; the items of one message share their parameters
-        jobs = [Job(c.prompt, c.negative_prompt, c.seed) for c in claims]
-        started = time.perf_counter()
-        try:
-            batch = self._draw(jobs, claims[0].params)
-        except FatalError as exc:
-            metrics.FAILED_BATCHES.inc()
-            self._release(payload, claims, exc)
-            outcome.fatal = exc
-            return outcome
-        except Exception as exc:  # any error of the model is recorded on its items
-            metrics.FAILED_BATCHES.inc()
-            log.exception("drawing %d items failed", len(claims))
-            # a batch that failed as a whole is retried one item per message, so that a
-            # single bad item cannot keep failing the others
-            self._fail(
-                payload,
-                claims,
-                exc,
-                retry=not isinstance(exc, ItemError),
-                one_per_message=len(claims) > 1,
-            )
-            return outcome
-        outcome.drawn = len(claims)
-        self._account(started, batch)
-        # at most one batch is stored while the next draws: wait for the previous one
-        self.services.hold(claims)
-        while not self._storing.acquire(timeout=1.0):
-            if self.services.stopping:
-                self._release(payload, claims, Stopping("the worker is stopping"))
-                for claim in claims:
-                    self.services.unhold(claim)
-                return outcome
-
-        # 3. encode, upload and record each image in the background
-        report = BatchLog(
-            run,
-            len(claims),
-            batch.seconds,
-            self.gpu_busy,
-            remaining=len(claims),
-            on_done=self._storing.release,
-        )
-        seconds_per_item = (time.perf_counter() - started) / len(claims)
-        for claim, pixels, flagged in zip(claims, batch.images, batch.flagged, strict=True):
-            self.handoff.submit(
-                functools.partial(
-                    self._store, payload, claim, pixels, flagged, seconds_per_item, report
+    def _settle(self, payload: RenderPayload, stored: Sequence[Stored], outcome: Outcome) -> None:
+        """Count what was stored; record each error on its item and hand back what the
+        worker could not store because it stops."""
+        stopped = [s.claim for s in stored if s.fate is Fate.STOPPED]
+        for result in stored:
+            if result.fate is Fate.STORED:
+                outcome.stored += 1
+            elif result.fate is Fate.FLAGGED:
+                outcome.failed.append((result.claim, "flagged by the safety checker"))
+            elif result.fate is Fate.TAKEN_OVER:
+                outcome.taken_over.append(result.claim)
+            elif result.fate is Fate.ERROR and result.error is not None:
+                self._fail(
+                    outcome,
+                    payload,
+                    [result.claim],
+                    result.error,
+                    retry=result.retry,
+                    one_per_message=True,
                 )
-            )
-        return outcome
+        if stopped:
+            why = next(s.error for s in stored if s.fate is Fate.STOPPED)
+            outcome.released += self._release(payload, stopped, why or Stopping("stopping"))
 
     @property
     def gpu_busy(self) -> float:
@@ -280,115 +332,12 @@ class Renderer:
                 raise DeviceError(f"{self.device} failed: {exc}") from exc
             raise
 
-    def _store(
-        self,
-        payload: RenderPayload,
-        claim: ledger.Claim,
-        pixels: np.ndarray,
-        flagged: bool,
-        seconds: float,
-        report: BatchLog,
-    ) -> None:
-        """Background: post-process, upload and record one image (or record why not)."""
-        encode = upload = 0.0
-        try:
-            if flagged:
-                self.services.in_ledger(
-                    lambda: ledger.flag(
-                        self.engine, claim, "flagged by the safety checker; not uploaded"
-                    )
-                )
-                log.warning(
-                    "item %s (%s/%s) was flagged by the safety checker",
-                    claim.id,
-                    claim.sku,
-                    claim.shot,
-                )
-                return
-            spec = OutputSpec.from_json(claim.output)
-            started = time.perf_counter()
-            encoded = process(Image.fromarray(pixels), spec, self._metadata(claim))
-            digest = hashlib.sha256(encoded.body).hexdigest()
-            encode = time.perf_counter() - started
-            key = claim.object_key  # fixed at enqueue: the item's one place in the bucket
-            if key is None or key.rpartition(".")[2] != encoded.extension:
-                raise ItemError(
-                    f"item {claim.id}'s object key {key!r} does not end in "
-                    f".{encoded.extension}, the format of its image"
-                )
-            # the item must still be ours before its object is written: a worker that lost
-            # it (its lease expired and another attempt took over) or that cannot reach the
-            # ledger never uploads
-            lease = self.settings.lease_seconds
-            if not self.services.in_ledger(lambda: ledger.renew(self.engine, claim, lease)):
-                log.warning(
-                    "item %s is no longer ours (attempt %s is stale); not uploaded",
-                    claim.id,
-                    claim.attempt,
-                )
-                return
-            uploaded = self.services.upload(
-                claim,
-                key,
-                encoded.body,
-                digest=digest,
-                content_type=encoded.content_type,
-                metadata=self._object_metadata(claim),
-            )
-            if not uploaded:
-                log.warning(
-                    "item %s was taken over while storage was down (attempt %s is stale); "
-                    "not uploaded",
-                    claim.id,
-                    claim.attempt,
-                )
-                return
-            upload = time.perf_counter() - started - encode
-            finished = self.services.in_ledger(
-                lambda: ledger.finish(self.engine, claim, len(encoded.body), digest, seconds)
-            )
-            if not finished:
-                log.warning(
-                    "item %s was taken over (attempt %s is stale); result discarded",
-                    claim.id,
-                    claim.attempt,
-                )
-        except Stopping as exc:
-            self._release(payload, [claim], exc)
-        except ItemError as exc:
-            self._fail(payload, [claim], exc, retry=False, one_per_message=True)
-        except Exception as exc:  # storage, ledger or an unexpected error: retry the item
-            if not isinstance(exc, RetryableError):
-                log.exception("storing item %s failed", claim.id)
-            self._fail(payload, [claim], exc, retry=True, one_per_message=True)
-        finally:
-            self.services.unhold(claim)
-            report.add(encode, upload)
-
-    def _object_metadata(self, claim: ledger.Claim) -> dict[str, str]:
-        """S3 user metadata, which is ASCII: SKU, shot and model are percent-encoded."""
-        return {
-            "sku": quote(claim.sku, safe=""),
-            "shot": quote(claim.shot, safe=""),
-            "seed": str(claim.seed),
-            "model": quote(self.pipeline.model, safe="/"),
-            "prompt-sha256": hashlib.sha256(claim.prompt.encode()).hexdigest(),
-        }
-
-    def _metadata(self, claim: ledger.Claim) -> dict[str, str]:
-        return {
-            "prompt": claim.prompt,
-            "negative_prompt": claim.negative_prompt,
-            "seed": str(claim.seed),
-            "steps": str(claim.params.steps),
-            "guidance_scale": str(claim.params.guidance_scale),
-            "scheduler": claim.params.scheduler,
-            "model": self.pipeline.model,
-            "sku": claim.sku,
-        }
+    def _label(self, claims: Sequence[ledger.Claim], note: str) -> str:
+        return label(claims[0].run_name, [(c.sku, c.shot) for c in claims], note)
 
     def _fail(
         self,
+        outcome: Outcome,
         payload: RenderPayload,
         claims: Sequence[ledger.Claim],
         exc: BaseException,
@@ -396,54 +345,64 @@ class Renderer:
         retry: bool,
         one_per_message: bool,
     ) -> None:
-        """Record ``exc`` on each item; republish those that may retry, after a backoff."""
+        """Record ``exc`` on each item (and in ``outcome``); republish those that may retry,
+        after a backoff, in messages labelled with the attempt they will be."""
+        reason = describe_error(exc)
         retried: list[ledger.Claim] = []
         for claim in claims:
             try:
                 status = ledger.fail(
-                    self.engine,
-                    claim,
-                    describe_error(exc),
-                    retry=retry,
-                    max_attempts=self.settings.max_attempts,
+                    self.engine, claim, reason, retry=retry, max_attempts=self.settings.max_attempts
                 )
             except SkufleetError:
                 log.exception(
                     "cannot record the failure of item %s; its lease will expire", claim.id
                 )
+                outcome.failed.append((claim, f"{reason} (not recorded: the ledger failed)"))
                 continue
             if status is ItemStatus.QUEUED:
                 retried.append(claim)
+                outcome.retried.append((claim, reason))
             elif status is ItemStatus.FAILED:
+                outcome.failed.append((claim, reason))
                 log.error(
-                    "item %s failed for good after %d attempts: %s",
-                    claim.id,
-                    claim.attempt,
-                    describe_error(exc),
+                    "item %s failed for good after %d attempts: %s", claim.id, claim.attempt, reason
                 )
+            else:
+                outcome.taken_over.append(claim)
         if not retried:
             return
         delay = backoff(self.settings.retry_backoff_seconds, max(c.attempt for c in retried))
-        groups = [[c.id] for c in retried] if one_per_message else [[c.id for c in retried]]
-        for ids in groups:
-            self.requeue(payload.model_copy(update={"item_ids": ids}), delay)
+        groups = [[c] for c in retried] if one_per_message else [retried]
+        for group in groups:
+            attempt = max(c.attempt - c.attempts_before_retry for c in group) + 1
+            note = retry_note(attempt, self.settings.max_attempts)
+            ids = [c.id for c in group]
+            self.requeue(
+                payload.model_copy(update={"item_ids": ids}), delay, self._label(group, note)
+            )
         log.info("retrying %d items in %d messages in %.1fs", len(retried), len(groups), delay)
 
     def _release(
         self,
         payload: RenderPayload,
         claims: Sequence[ledger.Claim],
-        exc: FatalError | Stopping,
-    ) -> None:
+        exc: BaseException,
+    ) -> list[ledger.Claim]:
         """Hand the items back to the fleet at once, without counting this attempt (the
-        device failed, or the worker stops during an outage: not the items' fault)."""
+        device failed, or the worker stops during an outage: not the items' fault); returns
+        those handed back, republished in one message."""
         released = []
+        reason = "device failure" if isinstance(exc, FatalError) else "handed back"
         for claim in claims:
             try:
-                reason = "device failure" if isinstance(exc, FatalError) else "handed back"
                 if ledger.release(self.engine, claim, f"{reason}: {describe_error(exc)}"):
-                    released.append(claim.id)
+                    released.append(claim)
             except SkufleetError:
                 log.exception("cannot release item %s; its lease will expire", claim.id)
         if released:
-            self.requeue(payload.model_copy(update={"item_ids": released}), 0.0)
+            ids = [c.id for c in released]
+            self.requeue(
+                payload.model_copy(update={"item_ids": ids}), 0.0, self._label(released, reason)
+            )
+        return released

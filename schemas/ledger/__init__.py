@@ -8,13 +8,15 @@ Callers write ``from skufleet.schemas import ledger`` and ``ledger.claim(...)``;
 - ``transitions``: the item state machine as a table of named moves, which every
   status-changing statement reads;
 - ``columns``: the column lists of ``items`` the statements share;
-- ``intake``: a run and a catalogue's items merged into it (producer);
+- ``intake``: a run and a catalogue's items merged into it, the items of SKUs it no longer
+  has retired (producer);
 - ``queueing``: pending items onto the queue, committed before they are published, and back;
 - ``claims``: claiming items and settling them, fenced by attempt (workers);
-- ``runs``: finding, cancelling, retrying and completing a run (operations);
+- ``runs``: finding, cancelling, retrying and completing a run, and the objects of its
+  retired items (operations);
 - ``recovery``: expired leases and lost messages (the reconciler);
-- ``reports``: counts and failure reasons;
-- ``manifest``: the records of a run's manifest;
+- ``reports``: counts, recent pace, retries and failures grouped by kind;
+- ``manifest``: the records of a run's manifest and their JSON Schemas;
 - ``outbox``: webhook events, recorded first and delivered after (``ledger.outbox``).
 
 Two calling conventions, one per module, each stated in its docstring. ``claims``,
@@ -48,9 +50,15 @@ from skufleet.schemas.ledger.engine import (
     unavailable,
     utcnow,
 )
-from skufleet.schemas.ledger.intake import ItemStaging, KeyCollision, record_enqueue, upsert_run
-from skufleet.schemas.ledger.manifest import manifest
-from skufleet.schemas.ledger.queueing import queue_pending, unmark_queued
+from skufleet.schemas.ledger.intake import (
+    ItemStaging,
+    KeyCollision,
+    Retirement,
+    record_enqueue,
+    upsert_run,
+)
+from skufleet.schemas.ledger.manifest import catalogue_fields, manifest
+from skufleet.schemas.ledger.queueing import Queued, queue_pending, unmark_queued
 from skufleet.schemas.ledger.recovery import (
     Stranded,
     expire_leases,
@@ -60,9 +68,12 @@ from skufleet.schemas.ledger.recovery import (
 from skufleet.schemas.ledger.reports import (
     RunStatus,
     RunSummary,
+    error_kind,
     failure_reasons,
-    finished_since,
     list_runs,
+    missing_items,
+    recent_finishes,
+    retrying,
     run_status,
 )
 from skufleet.schemas.ledger.runs import (
@@ -71,7 +82,10 @@ from skufleet.schemas.ledger.runs import (
     find_run_id,
     find_run_name,
     finished_runs,
+    forget_objects,
+    record_completion,
     reopen_run,
+    retired_objects,
     retry_run,
     run_settings,
 )
@@ -86,17 +100,21 @@ __all__ = [
     "ClaimResult",
     "ItemStaging",
     "KeyCollision",
+    "Queued",
+    "Retirement",
     "RunStatus",
     "RunSummary",
     "Stranded",
     "Transition",
     "begin",
     "cancel_run",
+    "catalogue_fields",
     "claim",
     "complete_run",
     "connect",
     "create_engine",
     "describe",
+    "error_kind",
     "expire_leases",
     "fail",
     "failure_reasons",
@@ -104,20 +122,25 @@ __all__ = [
     "find_run_name",
     "finish",
     "finished_runs",
-    "finished_since",
     "flag",
+    "forget_objects",
     "list_runs",
     "manifest",
+    "missing_items",
     "outbox",
     "queue_pending",
     "queued_models",
+    "recent_finishes",
+    "record_completion",
     "record_enqueue",
     "release",
     "renew",
     "reopen_run",
     "requeue_stale",
     "require_schema",
+    "retired_objects",
     "retry_run",
+    "retrying",
     "run_settings",
     "run_status",
     "translated",

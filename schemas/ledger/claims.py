@@ -180,9 +180,21 @@ def renew(engine: Engine, item: Claim, lease_seconds: int) -> bool:
     )
 
 
-def finish(engine: Engine, item: Claim, byte_size: int, sha256: str, render_seconds: float) -> bool:
+def finish(
+    engine: Engine,
+    item: Claim,
+    byte_size: int,
+    sha256: str,
+    render_seconds: float,
+    *,
+    width: int,
+    height: int,
+    image_format: str,
+) -> bool:
     """running → succeeded, only while the item is still ours (attempt fence). The object
-    is the one at the item's key, fixed at enqueue."""
+    is the one at the item's key, fixed at enqueue; ``width`` × ``height`` pixels and
+    ``image_format`` (png, webp, jpeg) are the stored image's, as encoded (labels and
+    thumbnails make them differ from the drawn size)."""
     now = utcnow()
     return _fenced_update(
         engine,
@@ -191,6 +203,9 @@ def finish(engine: Engine, item: Claim, byte_size: int, sha256: str, render_seco
         {
             "byte_size": byte_size,
             "sha256": sha256,
+            "image_width": width,
+            "image_height": height,
+            "image_format": image_format,
             "render_seconds": render_seconds,
             "last_error": None,
             "finished_at": now,

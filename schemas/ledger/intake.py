@@ -23,7 +23,10 @@ from skufleet.schemas.ledger.columns import CONTENT, ITEMS
 from skufleet.schemas.ledger.engine import utcnow
 from skufleet.schemas.ledger.transitions import INITIAL, TRANSITIONS
 from skufleet.schemas.output import OutputSpec
-from skufleet.schemas.tables import Run
+from skufleet.schemas.tables import ItemStatus, Run
+
+MISSING_SAMPLE = 10
+"""SKUs named in a :class:`Retirement`; the rest are counted."""
 
 
 def upsert_run(
@@ -94,15 +97,29 @@ class KeyCollision:
     """The other item's record in this catalogue; None: an item already in the run."""
 
 
+@dataclass(frozen=True)
+class Retirement:
+    """What :meth:`ItemStaging.retire_missing` found and did."""
+
+    missing: int
+    """SKUs of the run (not retired before) that the catalogue no longer has."""
+    sample: list[str]
+    """The first of them, in item order, at most :data:`MISSING_SAMPLE`."""
+    retired: int
+    """Their items moved to retired."""
+    in_flight: int
+    """Their items a worker renders now: left to finish; enqueue again to retire them."""
+
+
 class ItemStaging:
     """A temporary table the producer fills with a catalogue's items, then merges into a run.
 
-    Rows are dicts with ``sku``, ``shot`` and the :data:`CONTENT` columns, and optionally
-    the ``record`` and ``line`` they come from (for reports; the items of one record are
-    accepted or rejected together). Each row's object key is computed here, from the run's
-    name and the row's output spec, so every producer stores the same key for an item.
-    Merging is a few set-based statements, so a catalogue of any size needs no memory in the
-    producer.
+    Rows are dicts with ``sku``, ``shot`` and the :data:`CONTENT` columns, optionally
+    ``fields`` (the catalogue fields of the manifest, canonical JSON) and the ``record`` and
+    ``line`` they come from (for reports; the items of one record are accepted or rejected
+    together). Each row's object key is computed here, from the run's name and the row's
+    output spec, so every producer stores the same key for an item. Merging is a few
+    set-based statements, so a catalogue of any size needs no memory in the producer.
     """
 
     def __init__(self, conn: Connection, run_id: int) -> None:
@@ -118,11 +135,22 @@ class ItemStaging:
             sa.Column("sku", sa.String(256), nullable=False),
             sa.Column("shot", sa.String(64), nullable=False),
             sa.Column("object_key", ITEMS.c.object_key.type, nullable=False),
+            sa.Column("fields", ITEMS.c.fields.type, nullable=False),
             *(sa.Column(name, ITEMS.c[name].type, nullable=False) for name in CONTENT),
             prefixes=["TEMPORARY"],
         )
         self.table.create(conn)
+        self.kept = sa.Table(
+            f"{self.table.name}_kept",
+            sa.MetaData(),
+            sa.Column("sku", sa.String(256), nullable=False),
+            prefixes=["TEMPORARY"],
+        )
+        self.kept.create(conn)
         self.rows = 0
+        self.revived = 0
+        """Retired items :meth:`merge` brought back unchanged (``revive``); a changed one
+        counts as changed."""
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         """Stage rows; their order is kept, so new items get ids (and render) in that order.
@@ -135,6 +163,7 @@ class ItemStaging:
             row["position"] = position
             row.setdefault("record", position)
             row.setdefault("line", None)
+            row.setdefault("fields", "{}")
             row["object_key"] = object_key(
                 self.run_name, row["sku"], row["shot"], _extension(row["output"])
             )
@@ -154,6 +183,12 @@ class ItemStaging:
             # the driver's own error, as SQLAlchemy would have wrapped it: the caller's
             # ledger.begin() translates it with the rest
             raise DBAPIError.instance(statement, None, exc, driver.Error) from exc
+
+    def keep(self, skus: list[str]) -> None:
+        """SKUs the catalogue has but whose records were rejected (a template error, a key
+        collision): :meth:`retire_missing` leaves their items as they are."""
+        if skus:
+            self.conn.execute(self.kept.insert(), [{"sku": sku} for sku in skus])
 
     def drop_collisions(self) -> tuple[list[KeyCollision], int]:
         """Unstage every record with an item whose object key another item of the run has
@@ -218,6 +253,7 @@ class ItemStaging:
                     other_shot=row[7],
                     other_record=row[8],
                 )
+        self.keep([found.sku for found in collisions.values()])
         dropped = 0
         records = list(collisions)
         for start in range(0, len(records), 1000):
@@ -225,6 +261,46 @@ class ItemStaging:
                 self.table.delete().where(self.table.c.record.in_(records[start : start + 1000]))
             ).rowcount
         return list(collisions.values()), dropped
+
+    def retire_missing(self) -> Retirement:
+        """The ``retire`` move for every item of the run whose SKU nothing staged or kept
+        has: the catalogue no longer lists it. Running items are left to finish (counted in
+        flight); items already retired are not counted again. Call it after staging the
+        whole catalogue and before :meth:`merge`.
+        """
+        items, retire, now = ITEMS, TRANSITIONS["retire"], utcnow()
+        if not self.conn.execute(
+            sa.select(sa.select(1).where(items.c.run_id == self.run_id).exists())
+        ).scalar():
+            return Retirement(0, [], 0, 0)  # a new run: nothing to retire
+        sa.Index(f"{self.table.name}_sku", self.table.c.sku, self.table.c.shot).create(self.conn)
+        missing = sa.and_(
+            items.c.run_id == self.run_id,
+            items.c.status != ItemStatus.RETIRED.value,
+            ~sa.select(1).where(self.table.c.sku == items.c.sku).exists(),
+            ~sa.select(1).where(self.kept.c.sku == items.c.sku).exists(),
+        )
+        count = self.conn.execute(
+            sa.select(sa.func.count(sa.distinct(items.c.sku))).where(missing)
+        ).scalar_one()
+        if not count:
+            return Retirement(0, [], 0, 0)
+        sample = list(
+            self.conn.execute(
+                sa.select(items.c.sku)
+                .where(missing)
+                .group_by(items.c.sku)
+                .order_by(sa.func.min(items.c.id))
+                .limit(MISSING_SAMPLE)
+            ).scalars()
+        )
+        retired = self.conn.execute(
+            items.update()
+            .where(missing, items.c.status.in_(retire.sources))
+            .values(status=retire.target.value, queued_at=None, updated_at=now)
+        ).rowcount
+        in_flight = self.conn.execute(sa.select(sa.func.count()).where(missing)).scalar_one()
+        return Retirement(int(count), sample, int(retired), int(in_flight))
 
     def merge(self) -> tuple[int, int, int]:
         """Merge into the run and drop the table: ``(new, changed, in_flight)``.
@@ -234,17 +310,29 @@ class ItemStaging:
         back to pending (queued ones stay queued: their message renders the new content),
         with the attempt cap counted afresh: the moves ``change`` and ``change_queued``.
         Changed items a worker holds right now (running) are left alone and counted as in
-        flight. An item without a key gets its key. Call :meth:`drop_collisions` first: a
-        key taken twice fails the merge.
+        flight. A retired item whose SKU is back is changed if its content differs, else
+        revived (:attr:`revived`): succeeded while the ledger holds its object, pending (drawn
+        again) if it was pruned or never stored. Every item's catalogue ``fields`` are
+        brought up to date, whatever its status. An item without a key gets its key. Call
+        :meth:`drop_collisions` first: a key taken twice fails the merge.
         """
         items, staging, now, run_id = ITEMS, self.table, utcnow(), self.run_id
         change, change_queued = TRANSITIONS["change"], TRANSITIONS["change_queued"]
+        revive = TRANSITIONS["revive"]
         changeable = change.sources + change_queued.sources
         same_item = sa.and_(
             items.c.run_id == run_id, items.c.sku == staging.c.sku, items.c.shot == staging.c.shot
         )
         differs = sa.or_(*(items.c[name] != staging.c[name] for name in CONTENT))
         stamp = sa.literal(now, sa.DateTime(timezone=True))
+        # catalogue fields that changed without the content (a price, a brand): the
+        # manifest's next lines carry them, nothing is drawn again (before the insert, so
+        # that a new run's items are not compared with themselves)
+        self.conn.execute(
+            items.update()
+            .where(same_item, items.c.fields != staging.c.fields)
+            .values(fields=staging.c.fields)
+        )
         new = self.conn.execute(
             items.insert().from_select(
                 [
@@ -252,6 +340,7 @@ class ItemStaging:
                     "sku",
                     "shot",
                     "object_key",
+                    "fields",
                     *CONTENT,
                     "status",
                     "attempts",
@@ -264,6 +353,7 @@ class ItemStaging:
                     staging.c.sku,
                     staging.c.shot,
                     staging.c.object_key,
+                    staging.c.fields,
                     *(staging.c[name] for name in CONTENT),
                     sa.literal(INITIAL.value),
                     sa.literal(0),
@@ -282,6 +372,7 @@ class ItemStaging:
             .values(
                 **{name: staging.c[name] for name in CONTENT},
                 object_key=staging.c.object_key,
+                fields=staging.c.fields,
                 status=sa.case(
                     (items.c.status.in_(change_queued.sources), change_queued.target.value),
                     else_=change.target.value,
@@ -290,7 +381,25 @@ class ItemStaging:
                 last_error=None,
                 byte_size=None,
                 sha256=None,
+                image_width=None,
+                image_height=None,
+                image_format=None,
                 finished_at=None,
+                updated_at=now,
+            )
+        ).rowcount
+        stored = items.c.sha256.is_not(None)
+        self.revived = self.conn.execute(
+            items.update()
+            .where(same_item, ~differs, items.c.status.in_(revive.sources))
+            .values(
+                status=sa.case(
+                    (stored, revive.to(ItemStatus.SUCCEEDED).value),
+                    else_=revive.to(ItemStatus.PENDING).value,
+                ),
+                attempts_before_retry=items.c.attempts,
+                last_error=sa.case((stored, items.c.last_error), else_=None),
+                finished_at=sa.case((stored, items.c.finished_at), else_=None),
                 updated_at=now,
             )
         ).rowcount
@@ -305,4 +414,5 @@ class ItemStaging:
             .where(items.c.status.not_in(changeable), differs)
         ).scalar_one()
         self.table.drop(self.conn)
+        self.kept.drop(self.conn)
         return int(new), int(changed), int(in_flight)

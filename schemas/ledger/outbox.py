@@ -9,7 +9,8 @@ runs out.
 
 Calling convention: every function takes the Engine and commits its own transaction (opened
 with ``begin``, so database failures are raised as LedgerUnavailable): a claimed event must
-be committed as claimed before it is sent.
+be committed as claimed before it is sent. :func:`add` alone takes the caller's Connection,
+so that an event commits with what it reports (a run's completion).
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from skufleet.schemas.ledger.engine import begin, utcnow
 from skufleet.schemas.tables import Event
 
 RUN_COMPLETED = "run.completed"
-"""A run's last open item is done; its manifest is in the bucket."""
+"""A run's last open item is done, for the first time; its manifest is in the bucket."""
+RUN_UPDATED = "run.updated"
+"""A run that had completed changed (items retried, changed, added or retired) and is done
+again; its new manifest is in the bucket."""
 
 FIRST_BACKOFF = timedelta(seconds=30)
 """Wait after the first failed delivery; it doubles with each failure after it."""
@@ -60,20 +64,25 @@ def backoff(attempts: int) -> timedelta:
 def record(engine: Engine, run_id: int | None, kind: str, payload: dict[str, Any]) -> str:
     """Add an event due now; its id. The stored body is ``payload`` with ``"id"`` (the
     event id) and ``"event"`` (``kind``) added, so a receiver can deduplicate."""
+    with begin(engine) as conn:
+        return add(conn, run_id, kind, payload)
+
+
+def add(conn: Connection, run_id: int | None, kind: str, payload: dict[str, Any]) -> str:
+    """:func:`record` in the caller's transaction."""
     event_id = str(uuid.uuid4())
     now = utcnow()
-    with begin(engine) as conn:
-        conn.execute(
-            sa.insert(Event).values(
-                event_id=event_id,
-                run_id=run_id,
-                kind=kind,
-                payload={**payload, "event": kind, "id": event_id},
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
+    conn.execute(
+        sa.insert(Event).values(
+            event_id=event_id,
+            run_id=run_id,
+            kind=kind,
+            payload={**payload, "event": kind, "id": event_id},
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
         )
+    )
     return event_id
 
 

@@ -8,13 +8,14 @@ caller commits before it publishes what these return.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from skufleet.schemas.label import label
 from skufleet.schemas.ledger.columns import PARAMS, columns
 from skufleet.schemas.ledger.engine import utcnow
 from skufleet.schemas.ledger.transitions import TRANSITIONS
@@ -28,26 +29,46 @@ class Stranded:
     run_id: int
     model: str
     batches: list[list[int]]
+    run_name: str = ""
+    names: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """Item id → (sku, shot), for :meth:`label`."""
+
+    def label(self, ids: Sequence[int], note: str) -> str:
+        """What Flower shows for the message of batch ``ids`` (``schemas.label``)."""
+        return label(self.run_name, [self.names[i] for i in ids], note)
 
 
 def _batched(rows: Sequence[Any], batch_size: int) -> list[Stranded]:
-    """Rows of (id, run_id, model, *PARAMS), grouped per run and parameters into batches of
-    at most ``batch_size``, in id order."""
+    """Rows of (id, run_id, model, run name, sku, shot, *PARAMS), grouped per run and
+    parameters into batches of at most ``batch_size``, in id order."""
     found: dict[tuple[Any, ...], list[int]] = {}
-    for row in sorted(rows, key=lambda r: (*r[1:], r[0])):
-        found.setdefault(tuple(row[1:]), []).append(int(row[0]))
+    names: dict[int, tuple[str, str]] = {}
+    run_names: dict[int, str] = {}
+    for row in sorted(rows, key=lambda r: (r[1], r[2], *r[6:], r[0])):
+        item_id, run_id, model, run_name, sku, shot, *params = row
+        found.setdefault((run_id, model, *params), []).append(int(item_id))
+        names[int(item_id)] = (sku, shot)
+        run_names[run_id] = run_name
     return [
-        Stranded(key[0], key[1], [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
+        Stranded(
+            key[0],
+            key[1],
+            [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)],
+            run_names[key[0]],
+            {i: names[i] for i in ids},
+        )
         for key, ids in found.items()
     ]
 
 
 def stranded(conn: Connection, item_ids: Sequence[int], batch_size: int) -> list[Stranded]:
-    """The given items' batches, with what a message needs."""
+    """The given items' batches, with what a message and its label need."""
     rows: list[Any] = []
     for start in range(0, len(item_ids), 5000):
         rows += conn.execute(
-            sa.select(Item.id, Item.run_id, Run.model, *columns(PARAMS))
+            sa.select(
+                Item.id, Item.run_id, Run.model, Run.name, Item.sku, Item.shot, *columns(PARAMS)
+            )
             .join(Run, Run.id == Item.run_id)
             .where(Item.id.in_(item_ids[start : start + 5000]))
         ).all()

@@ -1,21 +1,23 @@
-"""What the ledger tells people: counts and failures (the manifest is in ``manifest``).
+"""What the ledger tells people: counts, recent pace, retries and failures grouped by
+kind (the manifest is in ``manifest``).
 
 Calling convention: every function takes a Connection from the caller, opened with
 ``ledger.connect(engine)`` (so database failures are raised as LedgerUnavailable), and
-only reads.
+only reads; :func:`error_kind` is plain text work.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from skufleet.schemas.ledger.runs import find_run_id
-from skufleet.schemas.ledger.transitions import TERMINAL
+from skufleet.schemas.ledger.transitions import OPEN, TERMINAL
 from skufleet.schemas.tables import Item, ItemStatus, Run
 
 
@@ -29,11 +31,17 @@ class RunStatus:
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        """Items of the run's current catalogue: retired ones (SKUs dropped from it) apart."""
+        return sum(n for status, n in self.counts.items() if status != ItemStatus.RETIRED.value)
 
     @property
     def done(self) -> int:
-        return sum(self.counts[status.value] for status in TERMINAL)
+        """Items of the current catalogue at rest (succeeded, failed or cancelled)."""
+        return sum(
+            self.counts.get(status.value, 0)
+            for status in TERMINAL
+            if status is not ItemStatus.RETIRED
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {"run": self.run_name, "counts": self.counts, "attempts": self.attempts}
@@ -79,13 +87,27 @@ def run_status(conn: Connection, run_name: str) -> RunStatus:
     return RunStatus(run_name=run_name, counts=counts, attempts=attempts)
 
 
-def list_runs(conn: Connection) -> list[RunSummary]:
-    """Every run, newest first, with its items counted by status."""
-    runs = conn.execute(
-        sa.select(
-            Run.id, Run.name, Run.model, Run.template, Run.created_at, Run.cancelled_at
-        ).order_by(Run.created_at.desc(), Run.id.desc())
-    ).all()
+def list_runs(conn: Connection, *, active_since: datetime | None = None) -> list[RunSummary]:
+    """Every run, newest first, with its items counted by status.
+
+    With ``active_since``, only the runs still open (an item pending, queued or running) and
+    those created, changed or completed since then: what a dashboard shows, not every run
+    ever made.
+    """
+    query = sa.select(
+        Run.id, Run.name, Run.model, Run.template, Run.created_at, Run.cancelled_at
+    ).order_by(Run.created_at.desc(), Run.id.desc())
+    if active_since is not None:
+        open_items = sa.select(Item.id).where(Item.run_id == Run.id, Item.status.in_(OPEN))
+        query = query.where(
+            sa.or_(
+                open_items.exists(),
+                Run.created_at >= active_since,
+                Run.updated_at >= active_since,
+                Run.completed_at >= active_since,
+            )
+        )
+    runs = conn.execute(query).all()
     counts = _counts(conn, [run.id for run in runs])
     return [
         RunSummary(
@@ -100,28 +122,115 @@ def list_runs(conn: Connection) -> list[RunSummary]:
     ]
 
 
-def finished_since(conn: Connection, run_name: str, since: datetime) -> int:
-    """Items of the run that reached succeeded or failed after ``since`` (for items/s)."""
-    return int(
-        conn.execute(
-            sa.select(sa.func.count()).where(
-                Item.run_id == find_run_id(conn, run_name),
-                Item.status.in_([ItemStatus.SUCCEEDED, ItemStatus.FAILED]),
-                Item.finished_at >= since,
-            )
-        ).scalar_one()
-    )
+def recent_finishes(
+    conn: Connection, run_name: str, now: datetime, window: timedelta
+) -> tuple[int, float]:
+    """The run's pace: items that reached succeeded or failed within ``window`` before
+    ``now``, and the seconds of work that window covers.
+
+    The window starts at the earliest claim among those items and the items still running,
+    if that is later than ``now - window``: a run 10 s into its first batch is measured over
+    its own 10 s, not over a minute it has not lived yet.
+    """
+    run_id = find_run_id(conn, run_name)
+    since = now - window
+    finished, first_claim = conn.execute(
+        sa.select(sa.func.count(), sa.func.min(Item.started_at)).where(
+            Item.run_id == run_id,
+            Item.status.in_([ItemStatus.SUCCEEDED, ItemStatus.FAILED]),
+            Item.finished_at >= since,
+        )
+    ).one()
+    running_claim = conn.execute(
+        sa.select(sa.func.min(Item.started_at)).where(
+            Item.run_id == run_id, Item.status == ItemStatus.RUNNING
+        )
+    ).scalar()
+    claims = [_aware(at, now) for at in (first_claim, running_claim) if at is not None]
+    start = max([since, min(claims)]) if claims else since
+    return int(finished), max(0.0, (now - start).total_seconds())
+
+
+def _aware(at: datetime, like: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone (they were stored in UTC)."""
+    return at.replace(tzinfo=like.tzinfo) if at.tzinfo is None else at
+
+
+def error_kind(error: str | None) -> str:
+    """What kind of error ``error`` is, without what belongs to one item: the first line,
+    with quoted text (keys, prompts, names), URLs, paths, worker names, hashes, ids and
+    numbers replaced, so that the same failure of a thousand items is one kind.
+
+    ``"StorageRefused: upload of 'r/A-1/front.png' refused: …"`` and the same for
+    ``'r/B-2/front.png'`` are both ``"StorageRefused: upload of … refused: …"``.
+    """
+    lines = (error or "").strip().splitlines()
+    if not lines:
+        return "no error recorded"
+    text = lines[0]
+    for pattern, replacement in _ITEM_SPECIFIC:
+        text = pattern.sub(replacement, text)
+    text = _REPEATED.sub("…", _SPACE.sub(" ", text)).strip()
+    return text if len(text) <= KIND_CHARACTERS else text[: KIND_CHARACTERS - 1] + "…"
+
+
+KIND_CHARACTERS = 160
+"""Longest kind shown; longer ones are cut with an ellipsis."""
+
+_ITEM_SPECIFIC: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?<!\w)'[^']*'(?!\w)|(?<!\w)\"[^\"]*\"(?!\w)"), "…"),  # repr'd values
+    (re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"()<>,]+", re.IGNORECASE), "…"),  # URLs
+    (re.compile(r"\b[\w.-]+@[\w.-]+"), "…"),  # worker names: gpu0@host-a
+    (re.compile(r"(?<![\w/])[\w.~%+-]*(?:/[\w.~%+@=-]+)+/?"), "…"),  # paths, object keys
+    (re.compile(r"\b0x[0-9a-f]+\b|\b(?=[0-9a-f-]*\d)[0-9a-f]{8,}(?:-[0-9a-f]{4,})*\b", re.I), "…"),
+    (re.compile(r"\b(?=[\w-]*\d)\w+(?:[-_]\w+)+\b"), "…"),  # ids: SKU-00042, A1_B2
+    (re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*"), "N"),  # counts, sizes, item ids
+)
+_REPEATED = re.compile(r"…(?:[\s,;]*…)+")
+_SPACE = re.compile(r"\s+")
+
+
+def _kinds(conn: Connection, *where: Any, limit: int) -> tuple[int, list[tuple[str, int]]]:
+    """Items matching ``where`` that have an error: how many, and their kinds with counts,
+    commonest first (at most ``limit`` kinds)."""
+    kinds: dict[str, int] = {}
+    rows = conn.execute(
+        sa.select(Item.last_error, sa.func.count()).where(*where).group_by(Item.last_error)
+    ).all()
+    for error, count in rows:
+        kind = error_kind(error)
+        kinds[kind] = kinds.get(kind, 0) + int(count)
+    ranked = sorted(kinds.items(), key=lambda pair: (-pair[1], pair[0]))
+    return sum(kinds.values()), ranked[:limit]
 
 
 def failure_reasons(conn: Connection, run_name: str, limit: int = 10) -> list[tuple[str, int]]:
-    """The run's failed items grouped by the first line of their last error, commonest first."""
-    reasons: dict[str, int] = {}
-    errors = conn.execute(
-        sa.select(Item.last_error).where(
-            Item.run_id == find_run_id(conn, run_name), Item.status == ItemStatus.FAILED
-        )
-    ).scalars()
-    for error in errors:
-        reason = (error or "no error recorded").splitlines()[0][:160]
-        reasons[reason] = reasons.get(reason, 0) + 1
-    return sorted(reasons.items(), key=lambda pair: (-pair[1], pair[0]))[:limit]
+    """The run's failed items grouped by the kind of their last error (:func:`error_kind`),
+    commonest first."""
+    run_id = find_run_id(conn, run_name)
+    where = (Item.run_id == run_id, Item.status == ItemStatus.FAILED)
+    return _kinds(conn, *where, limit=limit)[1]
+
+
+def retrying(conn: Connection, run_name: str, limit: int = 10) -> tuple[int, list[tuple[str, int]]]:
+    """The run's items that are being tried again: open (pending, queued or running) with
+    the error of an earlier attempt recorded (a retryable error, an expired lease, a device
+    that failed, or `skufleet retry` after a failure). How many, and the kinds of their last
+    errors, commonest first."""
+    run_id = find_run_id(conn, run_name)
+    where = (Item.run_id == run_id, Item.status.in_(OPEN), Item.last_error.is_not(None))
+    return _kinds(conn, *where, limit=limit)
+
+
+def missing_items(conn: Connection, run_name: str) -> list[dict[str, Any]]:
+    """The run's items that did not succeed (for ``skufleet generate``, whose runs are a few
+    dozen items at most): sku, shot, status and last error, in item order."""
+    rows = conn.execute(
+        sa.select(Item.sku, Item.shot, Item.status, Item.last_error)
+        .where(Item.run_id == find_run_id(conn, run_name), Item.status != ItemStatus.SUCCEEDED)
+        .order_by(Item.id)
+    ).all()
+    return [
+        {"sku": sku, "shot": shot, "status": ItemStatus(status).value, "error": error}
+        for sku, shot, status, error in rows
+    ]

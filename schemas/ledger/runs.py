@@ -1,4 +1,5 @@
-"""Operations on a whole run: finding it, cancelling, retrying, marking it complete.
+"""Operations on a whole run: finding it, cancelling, retrying, marking it complete, and
+the objects of its retired items.
 
 Calling convention: every function takes a Connection from the caller, opened with
 ``ledger.begin(engine)`` for a change or ``ledger.connect(engine)`` for a read (so database
@@ -95,6 +96,60 @@ def complete_run(conn: Connection, run_id: int) -> bool:
         .returning(Run.id)
     ).first()
     return won is not None
+
+
+def record_completion(conn: Connection, run_id: int, digest: str) -> int | None:
+    """Count a completion that published a manifest with ``digest`` (SHA-256 of its lines
+    and counts); its number (1: the run's first), or None when the last one published the
+    same digest, or the run is no longer marked completed (new work came in). One
+    compare-and-set UPDATE: record the completion's event in the same transaction."""
+    done = conn.execute(
+        sa.update(Run)
+        .where(
+            Run.id == run_id,
+            Run.completed_at.is_not(None),
+            sa.or_(Run.manifest_digest.is_(None), Run.manifest_digest != digest),
+        )
+        .values(completions=Run.completions + 1, manifest_digest=digest)
+        .returning(Run.completions)
+    ).scalar()
+    return None if done is None else int(done)
+
+
+def retired_objects(conn: Connection, run_id: int, limit: int) -> list[tuple[int, str]]:
+    """``(item id, object key)`` of up to ``limit`` retired items of the run whose object
+    the ledger still holds, in id order."""
+    rows = conn.execute(
+        sa.select(Item.id, Item.object_key)
+        .where(
+            Item.run_id == run_id,
+            Item.status == ItemStatus.RETIRED,
+            Item.sha256.is_not(None),
+            Item.object_key.is_not(None),
+        )
+        .order_by(Item.id)
+        .limit(limit)
+    ).all()
+    return [(int(row.id), str(row.object_key)) for row in rows]
+
+
+def forget_objects(conn: Connection, item_ids: list[int]) -> int:
+    """The objects of these retired items were deleted: the ledger no longer holds them, so
+    a revived item is drawn again. Returns how many items it changed."""
+    return int(
+        conn.execute(
+            sa.update(Item)
+            .where(Item.id.in_(item_ids), Item.status == ItemStatus.RETIRED)
+            .values(
+                byte_size=None,
+                sha256=None,
+                image_width=None,
+                image_height=None,
+                image_format=None,
+                updated_at=utcnow(),
+            )
+        ).rowcount
+    )
 
 
 def reopen_run(conn: Connection, run_id: int) -> None:

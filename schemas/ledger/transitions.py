@@ -10,8 +10,8 @@ the table, on PostgreSQL and SQLite.
 a lost message replaced, a queued item's content changed under its waiting message), but
 they too may only start where the table says. The statuses an item rests in
 (:data:`TERMINAL`) are left only by an explicit command: ``skufleet retry``, or an enqueue
-that changes the item. (The design's ``running → needs_review`` joins the table with the
-quality gate's status.)
+that changes, retires or revives the item. (The design's ``running → needs_review`` joins
+the table with the quality gate's status.)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from skufleet.schemas.tables import ItemStatus
 
 PENDING, QUEUED, RUNNING = ItemStatus.PENDING, ItemStatus.QUEUED, ItemStatus.RUNNING
 SUCCEEDED, FAILED, CANCELLED = ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED
+RETIRED = ItemStatus.RETIRED
 
 
 @dataclass(frozen=True)
@@ -85,18 +86,31 @@ TRANSITIONS: dict[str, Transition] = {
         (FAILED, CANCELLED), (PENDING,), "skufleet retry, with a fresh attempt budget", command=True
     ),
     "change": Transition(
-        (PENDING, SUCCEEDED, FAILED, CANCELLED),
+        (PENDING, SUCCEEDED, FAILED, CANCELLED, RETIRED),
         (PENDING,),
-        "an enqueue with a changed prompt, parameters or format",
+        "an enqueue with a changed prompt, parameters or format (a retired item comes back)",
         command=True,
     ),
     "change_queued": Transition(
         (QUEUED,), (QUEUED,), "the same, while the item's message waits", command=True
+    ),
+    "retire": Transition(
+        (PENDING, QUEUED, SUCCEEDED, FAILED, CANCELLED),
+        (RETIRED,),
+        "an enqueue whose catalogue no longer has the SKU (running items finish first)",
+        command=True,
+    ),
+    "revive": Transition(
+        (RETIRED,),
+        (SUCCEEDED, PENDING),
+        "an enqueue whose catalogue has the SKU again, unchanged: succeeded while the ledger "
+        "holds its object, else pending (drawn again)",
+        command=True,
     ),
 }
 """Every move an item's status can make; nothing else moves one."""
 
 OPEN = (PENDING, QUEUED, RUNNING)
 """Statuses the fleet has yet to move an item on from: a run with one is not complete."""
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED, RETIRED)
 """Statuses an item rests in, until an explicit command moves it."""

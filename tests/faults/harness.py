@@ -334,7 +334,9 @@ class FaultFleet:
         objects: dict[str, int] = {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             objects.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
-        # the run's completion wrote its manifest: one line per succeeded item
+        # the run's completion wrote its manifest: one line per succeeded item, and its
+        # summary beside it
+        objects.pop(f"{self.run}/manifest.json", None)
         manifest = f"{self.run}/manifest.jsonl"
         if manifest in objects:
             del objects[manifest]

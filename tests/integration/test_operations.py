@@ -4,10 +4,13 @@ URLs, one-off generation, and the one-command demo."""
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import os
+import shlex
 import stat
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -75,8 +78,9 @@ def small_catalogue(fleet: Fleet, rows: int = 3) -> str:
 
 @postgres_only
 def test_metrics_show_queues_items_and_device_rates(fleet: Fleet) -> None:
-    """The metrics endpoint reports queue depth per model queue, items by status per run,
-    and images/s per device once a worker has rendered."""
+    """The metrics endpoint reports queue depth per model queue and items by status per run;
+    a worker serves counters of its device for rate(): images, busy seconds, per-image
+    seconds (the exporter no longer computes rates of its own)."""
     assert fleet.cli("db", "upgrade").returncode == 0
     fleet.cli_json(
         "enqueue", small_catalogue(fleet, 4), "--run", "m", "--model", "tiny",
@@ -90,11 +94,19 @@ def test_metrics_show_queues_items_and_device_rates(fleet: Fleet) -> None:
         queue = f'skufleet_queue_messages{{model="tiny",queue="{fleet.settings.queue_prefix}'
         assert f'{queue}.render.tiny"}} 2.0' in text  # 8 items in messages of 4
         assert 'skufleet_items{run="m",status="queued"} 8.0' in text
-        assert fleet.worker("--model", "tiny", "--devices", "cpu", "--burst").returncode == 0
+        worker_port = free_port()
+        worker_url = f"http://127.0.0.1:{worker_port}/metrics"
+        worker = ("--model", "tiny", "--devices", "cpu", "--metrics-port", str(worker_port))
+        with fleet.background(str(BIN / "skufleet-worker"), *worker, grace=60):
+            done = 'skufleet_items{run="m",status="succeeded"} 8.0'
+            wait_until(lambda: done in get(url)[1].decode(), 180, "the run to be drawn")
+            drawn = get(worker_url)[1].decode()
         text = get(url)[1].decode()
-        assert 'skufleet_items{run="m",status="succeeded"} 8.0' in text
-        assert 'skufleet_images_per_second{device="cpu"' in text
         assert f'{queue}.render.tiny"}} 0.0' in text
+        assert 'skufleet_worker_images_total{device="cpu"} 8.0' in drawn
+        assert 'skufleet_worker_render_seconds_count{device="cpu"} 8.0' in drawn
+        assert 'skufleet_worker_device_busy_seconds_total{device="cpu"}' in drawn
+        assert "skufleet_images_per_second" not in text + drawn
 
 
 @postgres_only
@@ -167,16 +179,35 @@ def demo(
     )
 
 
-def test_the_demo_renders_everything_and_leaves_no_process(tmp_path: Path) -> None:
-    """`skufleet demo` with nothing configured: private Redis, S3 and ledger, Flower, a
-    worker; every item succeeds, the images land on disk, and nothing keeps running."""
+def test_the_demo_renders_everything_and_leaves_no_process(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """`skufleet demo --use-configured` with a ledger configured: it says it uses (and
+    upgrades) that ledger and starts the missing Redis and S3 itself, with Flower and a
+    worker; the example catalogue, written with semicolons and read with --delimiter, renders
+    every item into the configured ledger, the images land on disk, and nothing keeps
+    running."""
+    semicolons = tmp_path / "semicolons.csv"
+    with (EXAMPLES / "catalogue.csv").open(newline="") as source:
+        rows = list(csv.reader(source))
+    with semicolons.open("w", newline="") as sink:
+        csv.writer(sink, delimiter=";").writerows(rows)
     before = _processes(tmp_path)
-    result = demo(tmp_path, str(EXAMPLES / "catalogue.csv"))
+    result = demo(
+        tmp_path, str(semicolons), "--use-configured", "--delimiter", "semicolon",
+        configured={"SKUFLEET_DATABASE_URL": postgres_url},
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "--use-configured: the configured ledger at postgresql" in result.stderr
+    assert "started Redis" in result.stderr and "started SeaweedFS" in result.stderr
     assert "Flower at http://127.0.0.1:" in result.stderr
     images = list((tmp_path / "demo" / "images").rglob("*.png"))
     assert len(images) == 40
     assert "│ succeeded     │ 40" in result.stdout
+    engine = sa.create_engine(postgres_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar() == 40
+    engine.dispose()
     time.sleep(1)
     assert _processes(tmp_path) - before == set()
 
@@ -200,44 +231,78 @@ def _processes(within: Path) -> set[str]:
     return found
 
 
-def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path, postgres_url: str) -> None:
-    """--keep leaves Redis, S3, Flower and a listening worker running and says how to stop
-    them, in a stack.json of mode 0600 that holds none of the configured secrets (here a
-    ledger URL's password and AWS keys); --stop stops every one of them."""
+def test_a_kept_demo_stays_up_until_stopped(tmp_path: Path) -> None:
+    """With services configured (here unreachable ones, a ledger and a Redis with
+    passwords, and AWS keys) the demo uses none of them. --keep leaves Redis, S3, Flower
+    (its state in the demo's folder) and a listening worker running; stack.json and
+    skufleet.env (both mode 0600) hold none of the configured secrets, no secret is printed,
+    and sourcing skufleet.env points skufleet and boto3 at the kept stack. --stop stops
+    every process and removes both files."""
     catalogue = tmp_path / "two.csv"
     catalogue.write_text("sku,title,category\nK1,Red mug,Kitchen\nK2,Oak shelf,Home\n")
-    # the test server trusts local connections, so the ledger URL's password is ignored
-    ledger_url = sa.make_url(postgres_url).set(password="Ledger-Pass-Marker")
     configured = {
-        "SKUFLEET_DATABASE_URL": ledger_url.render_as_string(hide_password=False),
+        "SKUFLEET_DATABASE_URL": "postgresql://skufleet:Ledger-Pass-Marker@127.0.0.1:1/prod",
+        "SKUFLEET_REDIS_URL": "redis://:Redis-Pass-Marker@127.0.0.1:1/0",
         "AWS_ACCESS_KEY_ID": "Access-Key-Marker",
         "AWS_SECRET_ACCESS_KEY": "Secret-Key-Marker",
     }
     before = _processes(tmp_path)
     result = demo(tmp_path, str(catalogue), "--keep", configured=configured)
     assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
     assert "│ succeeded     │ 4" in result.stdout
-    assert "skufleet demo --stop" in result.stdout + result.stderr
+    assert "skufleet demo --stop" in printed
+    assert "private services only: SKUFLEET_REDIS_URL, SKUFLEET_DATABASE_URL" in result.stderr
+    state, env_file = tmp_path / "demo" / "stack.json", tmp_path / "demo" / "skufleet.env"
     try:
-        state = tmp_path / "demo" / "stack.json"
-        assert stat.S_IMODE(state.stat().st_mode) == 0o600
-        text = state.read_text()
-        for marker in ("Ledger-Pass-Marker", "Access-Key-Marker", "Secret-Key-Marker"):
-            assert marker not in text, marker
-        kept = json.loads(text)
+        assert f"source {env_file}" in result.stdout.splitlines()
+        for kept_file in (state, env_file):
+            assert stat.S_IMODE(kept_file.stat().st_mode) == 0o600, kept_file
+            for marker in ("Ledger-Pass-Marker", "Redis-Pass-Marker", "Access-Key-Marker",
+                           "Secret-Key-Marker"):  # fmt: skip
+                assert marker not in kept_file.read_text(), (kept_file, marker)
+        exports = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in env_file.read_text().splitlines()
+            if line.startswith("export ")
+        )
+        secret = shlex.split(exports["AWS_SECRET_ACCESS_KEY"])[0]
+        password = shlex.split(exports["SKUFLEET_FLOWER_BASIC_AUTH"])[0].split(":", 1)[1]
+        assert secret not in printed and password not in printed
+        # a shell that still has the configured variables uses the kept stack once sourced
+        used = subprocess.run(
+            ["bash", "-c", f"source {shlex.quote(str(env_file))} && {BIN / 'skufleet'} runs "
+             f"--json && {sys.executable} -c {shlex.quote(LIST_BUCKET)}"],
+            env={**os.environ, **configured}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert used.returncode == 0, used.stderr[-2000:]
+        runs, objects = used.stdout.strip().splitlines()
+        assert json.loads(runs)["counts"]["succeeded"] == 4
+        assert int(objects) == 4
+        kept = json.loads(state.read_text())
         running = _processes(tmp_path) - before
         for name in ("redis-server", "weed server", "flower", "skufleet-worker"):
             assert any(name in line for line in running), (name, running)
         assert listening(kept["flower"])
+        assert list((tmp_path / "demo" / "flower").glob("flower.db*"))  # not in the cache
+        assert not list((tmp_path / "cache").glob("flower.db*"))
     finally:
         stopped = demo(tmp_path, "--stop")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert f"stopped {len(kept['processes'])} processes" in stopped.stdout
-    assert not (tmp_path / "demo" / "stack.json").exists()
+    assert not state.exists() and not env_file.exists()
     # each kept process led its own group: none of those groups has a live member left
     # (checked by group: other test sessions on this machine may start servers meanwhile)
     groups = {entry["pid"] for entry in kept["processes"]}
     wait_until(lambda: not _live_groups(groups), 10, "the kept processes to exit")
+
+
+LIST_BUCKET = (
+    "import os, boto3; "
+    "listed = boto3.client('s3').list_objects_v2(Bucket=os.environ['SKUFLEET_S3_BUCKET']); "
+    "print(sum(o['Key'].endswith('.png') for o in listed['Contents']))"
+)
+"""What an S3 client sees with only the AWS_* variables skufleet.env exports."""
 
 
 def _live_groups(groups: set[int]) -> set[int]:

@@ -1,0 +1,130 @@
+"""Prompt alignment for the quality gate: a CLIP score of each image against its prompt.
+
+Off unless ``SKUFLEET_QUALITY_CLIP`` names a CLIP model (a hub id such as
+``openai/clip-vit-base-patch32`` or a local directory); ``tiny-clip`` is a tiny randomly
+initialised CLIP built locally, as ``tiny`` is for Stable Diffusion, for tests and demos. Its
+scores mean nothing about the image; they exercise the same code path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from skufleet.schemas.errors import ConfigError
+from skufleet.worker.tiny import write_tokenizer
+
+TINY = "tiny-clip"
+VERSION = "1"
+
+
+def _image_processor() -> Any:
+    """CLIP's image processor; the Pillow one where torchvision is not installed."""
+    import transformers
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    return transformers.CLIPImageProcessor
+
+
+def build_tiny(directory: Path) -> None:
+    """A two-layer CLIP (text and vision) with SD 1.5's tokenizer, saved to ``directory``."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    vocab_size = write_tokenizer(directory)
+    torch.manual_seed(0)
+    text = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    CLIPModel(config).save_pretrained(directory)
+    processor = _image_processor()(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    processor.save_pretrained(directory)
+
+
+def ensure_tiny(cache_dir: Path) -> Path:
+    """The tiny CLIP's directory under ``cache_dir``, built once (first rename wins)."""
+    target = cache_dir / f"tiny-clip-v{VERSION}"
+    if (target / "config.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-clip-", dir=cache_dir))
+    try:
+        build_tiny(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _tensor(features: Any) -> torch.Tensor:
+    """The projected embeddings: transformers 4 returns them, 5 wraps them in an output."""
+    if isinstance(features, torch.Tensor):
+        return features
+    return torch.as_tensor(features.pooler_output)
+
+
+class ClipScorer:
+    """CLIP on one device, loaded once; :meth:`score` rates images against prompts."""
+
+    def __init__(self, model: str, device: torch.device, cache_dir: Path) -> None:
+        from transformers import CLIPModel, CLIPTokenizer
+
+        source: str | Path = ensure_tiny(cache_dir) if model == TINY else model
+        try:
+            loaded: Any = CLIPModel.from_pretrained(source)
+            self.model: Any = loaded.to(device).eval()
+            self.tokenizer: Any = CLIPTokenizer.from_pretrained(source)
+            self.processor: Any = _image_processor().from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"SKUFLEET_QUALITY_CLIP={model!r} cannot be loaded as a CLIP model: {exc}"
+            ) from exc
+        self.device = device
+
+    @torch.inference_mode()
+    def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
+        """100 × the cosine of each image's embedding with its own prompt's."""
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        tokens = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt"
+        )
+        image_embeds = self.model.get_image_features(pixel_values=pixels.to(self.device))
+        text_embeds = self.model.get_text_features(
+            input_ids=tokens["input_ids"].to(self.device),
+            attention_mask=tokens["attention_mask"].to(self.device),
+        )
+        image_embeds = torch.nn.functional.normalize(_tensor(image_embeds).float(), dim=-1)
+        text_embeds = torch.nn.functional.normalize(_tensor(text_embeds).float(), dim=-1)
+        return [float(v) * 100.0 for v in (image_embeds * text_embeds).sum(-1).cpu()]
