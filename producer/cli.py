@@ -390,7 +390,18 @@ for command in (
 
 
 def main() -> None:
-    app(prog_name="skufleet")
+    """Run the CLI. A usage error (a bad flag or value) is one line naming it, exit code 2,
+    instead of click's usage block."""
+    try:
+        code = app(prog_name="skufleet", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's click errors: usage, bad value, no file
+        message = " ".join(exc.format_message().split())
+        err.print(f"error: {message} (see -h)", markup=False, highlight=False)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        err.print("aborted", markup=False)
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ def manifest(
         Path | None, typer.Option("--out", help="Write here instead of standard output.")
     ] = None,
     upload: Annotated[
-        bool, typer.Option("--upload", help="Write it to the bucket as <run>/manifest.jsonl.")
+        bool,
+        typer.Option(
+            "--upload", help="Write <run>/manifest.jsonl and <run>/manifest.json to the bucket."
+        ),
     ] = False,
 ) -> None:
     """JSON Lines, one per succeeded item: run, sku, shot, key, seed, sha256, bytes, prompt,

@@ -84,3 +84,20 @@ def test_version_and_short_help() -> None:
         [str(BIN / "skufleet"), "enqueue", "-h"], capture_output=True, text=True
     )
     assert "WxH [pack/model default]" in enqueue.stdout and "[default: 8]" in enqueue.stdout
+
+
+def test_usage_errors_are_one_line_naming_the_flag_and_exit_2() -> None:
+    """A bad value, an unknown option or command and a missing argument are each one line
+    on stderr that names what was wrong, with exit code 2 and no traceback or usage block."""
+    cases = {
+        ("enqueue", "c.csv", "--run", "r", "--steps", "many"): "'--steps'",
+        ("runs", "--bogus"): "--bogus",
+        ("nosuch",): "'nosuch'",
+        ("enqueue",): "'catalogue'",
+    }
+    for args, named in cases.items():
+        result = subprocess.run([str(BIN / "skufleet"), *args], capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+        assert "Traceback" not in result.stderr and not result.stdout

@@ -88,6 +88,7 @@ def test_storage_stopped_mid_run_pauses_the_workers_and_spends_no_attempt(
     messages and keep the images they drew, then store them when it answers. No item fails,
     no attempt is spent on the outage, and renders stay within the items plus two batches."""
     items, down_for = (500, 240.0) if FULL else (60, 15.0)
+    sleep = 1.0  # slow enough that the outage lands mid-run even when the host is busy
     with (
         Outage(s3.port) as storage,
         FaultFleet(
@@ -98,7 +99,7 @@ def test_storage_stopped_mid_run_pauses_the_workers_and_spends_no_attempt(
             lease=6,  # shorter than the outage: held items must keep their leases
             visibility=60,
             s3_endpoint=f"http://127.0.0.1:{storage.port}",
-            fixture=("--fixture", "standin", "--sleep", str(SLEEP)),
+            fixture=("--fixture", "standin", "--sleep", str(sleep)),
         ) as fleet,
     ):
         fleet.enqueue(titles(items), BATCH)
@@ -120,7 +121,7 @@ def test_storage_stopped_mid_run_pauses_the_workers_and_spends_no_attempt(
             faults=1,
             seconds=seconds,
             last_fault=state["up_at"],
-            fault_free=items / BATCH * SLEEP / 2,
+            fault_free=items / BATCH * sleep / 2,
             down_seconds=down_for,
             max_attempts_per_item=attempts,
         )

@@ -72,4 +72,4 @@ def test_a_poison_item_fails_after_the_cap_and_the_rest_of_its_batch_succeeds(
         again = session.scalars(sa.select(Item).where(Item.sku == "SKU-2")).one()
     assert (again.status, again.attempts) == (ItemStatus.FAILED, 6)
     reasons = fleet.cli("status", "poison")
-    assert "failures by reason" in reasons.stdout and "poisoned prompt" in reasons.stdout
+    assert "failures by kind" in reasons.stdout and "poisoned prompt" in reasons.stdout
