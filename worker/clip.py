@@ -8,9 +8,6 @@ scores mean nothing about the image; they exercise the same code path.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ import numpy as np
 import torch
 
 from skufleet.schemas.errors import ConfigError
-from skufleet.worker.tiny import write_tokenizer
+from skufleet.worker.tiny import build_once, text_config, write_tokenizer
 
 TINY = "tiny-clip"
 VERSION = "1"
@@ -38,21 +35,11 @@ def _image_processor() -> Any:
 
 def build_tiny(directory: Path) -> None:
     """A two-layer CLIP (text and vision) with SD 1.5's tokenizer, saved to ``directory``."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
     vocab_size = write_tokenizer(directory)
     torch.manual_seed(0)
-    text = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
+    text = text_config(vocab_size)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -70,22 +57,8 @@ def build_tiny(directory: Path) -> None:
 
 
 def ensure_tiny(cache_dir: Path) -> Path:
-    """The tiny CLIP's directory under ``cache_dir``, built once (first rename wins)."""
-    target = cache_dir / f"tiny-clip-v{VERSION}"
-    if (target / "config.json").exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-clip-", dir=cache_dir))
-    try:
-        build_tiny(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The tiny CLIP's directory under ``cache_dir``, built once."""
+    return build_once(cache_dir / f"tiny-clip-v{VERSION}", "config.json", build_tiny)
 
 
 def _tensor(features: Any) -> torch.Tensor:

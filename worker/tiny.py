@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from skufleet.schemas.vocab import MAX_TOKENS, clip_vocabulary
 
@@ -51,7 +53,7 @@ def build(directory: Path) -> None:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     vocab_size = write_tokenizer(directory / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
@@ -79,20 +81,7 @@ def build(directory: Path) -> None:
         up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=32,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
-    )
+    text_encoder = CLIPTextModel(text_config(vocab_size))
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -115,24 +104,46 @@ def build(directory: Path) -> None:
     pipeline.save_pretrained(directory)  # type: ignore[attr-defined]
 
 
-def ensure(cache_dir: Path) -> Path:
-    """The tiny pipeline's directory under ``cache_dir``, built on first use.
+def text_config(vocab_size: int) -> Any:
+    """The tiny two-layer CLIP text encoder's configuration (shared with ``tiny-clip``)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``target``, built by ``build`` unless it already holds ``marker``.
 
     Several worker processes may start at once: each builds into a private temporary
     directory and renames it into place; the first rename wins and the rest are discarded.
     """
-    target = cache_dir / f"tiny-sd-v{VERSION}"
-    if (target / "model_index.json").exists():
+    if (target / marker).exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(staging)
         try:
             os.rename(staging, target)
         except OSError:
-            if not (target / "model_index.json").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure(cache_dir: Path) -> Path:
+    """The tiny pipeline's directory under ``cache_dir``, built on first use."""
+    return build_once(cache_dir / f"tiny-sd-v{VERSION}", "model_index.json", build)
