@@ -1,4 +1,5 @@
-"""The ledger's tables: ``runs`` and ``items``. The ``items`` table is the source of truth.
+"""The ledger's tables: ``runs`` and ``items`` (the source of truth), the ``candidates``
+each item's renders drew, reviewers' ``reviews``, and the webhook's ``events``.
 
 Redis carries messages and may lose them; every item's seed, status, attempts and object
 live here. Statuses are stored as readable strings.
@@ -27,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 """The Alembic revision this code expects; ``skufleet db upgrade`` brings a database to it."""
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
@@ -43,7 +44,7 @@ class ItemStatus(enum.StrEnum):
         unqueue        queued → pending                            its message not published
         claim          queued → running                            a worker won it
         renew          running → running                           its worker, lease extended
-        finish         running → succeeded                         its image stored
+        finish         running → succeeded | needs_review          its image stored
         retry_error    running → queued                            a retryable error
         fail           running → failed                            a permanent error, the cap
         flag           running → failed                            the safety checker
@@ -52,21 +53,31 @@ class ItemStatus(enum.StrEnum):
         republish      queued → queued                             its message presumed lost
         cancel         pending | queued → cancelled                skufleet cancel
         retry_run      failed | cancelled → pending                skufleet retry
-        change         pending | succeeded | failed | cancelled | retired → pending   changed
+        change  pending | succeeded | needs_review | failed | cancelled | retired → pending  changed
         change_queued  queued → queued                             the same, message waiting
-        retire         pending | queued | succeeded | failed | cancelled → retired   SKU gone
-        revive         retired → succeeded | pending               its SKU is back, unchanged
+        retire  pending | queued | succeeded | needs_review | failed | cancelled → retired  gone
+        revive         retired → succeeded | needs_review | pending   its SKU is back
+        approve        needs_review → succeeded                    a reviewer approved it
+        reject         succeeded | needs_review → pending          a reviewer rejected it
+
+    ``finish`` leaves ``needs_review`` when the stored image, the best of its rolls, still
+    fails a quality check (``worker.quality``); ``reject`` draws the item again with its
+    next seed variant.
 
     ``change``: an enqueue changed the item's content; ``retire``: an enqueue whose catalogue
     no longer has its SKU (running items finish first). A new item is pending. Succeeded,
     failed, cancelled and retired are left only by an explicit command: ``skufleet retry``,
-    or an enqueue that changes, retires or revives the item.
+    or an enqueue that changes, retires or revives the item; ``needs_review`` by a review
+    (``skufleet review``, ``skufleet reroll``).
     """
 
     PENDING = "pending"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
+    NEEDS_REVIEW = "needs_review"
+    """Stored, but its best image failed a quality check: out of the manifest until a
+    reviewer approves it (or rejects it, and it is drawn again)."""
     FAILED = "failed"
     CANCELLED = "cancelled"
     RETIRED = "retired"
@@ -169,8 +180,67 @@ class Item(Base):
     image_height: Mapped[int | None] = mapped_column(Integer)
     image_format: Mapped[str | None] = mapped_column(String(8))
     """``png``, ``webp`` or ``jpeg``."""
+    image_seed: Mapped[int | None] = mapped_column(BigInteger)
+    """The seed of the stored image: ``seed`` for roll 0, else its roll's seed variant
+    (``worker.quality.seed_variant``)."""
+    roll: Mapped[int | None] = mapped_column(Integer)
+    """The roll of the stored image (0: the item's own seed)."""
+    next_roll: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """The first roll the next render draws: past every roll drawn and stored, so a rejected
+    item is drawn with a seed it has not had."""
+    renders: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Candidate images drawn for the item, ever (best-of-N and re-rolls included)."""
+    rerolls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Of those, the ones drawn again because every candidate before failed a check."""
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    """The quality gate on the stored image: ``passed``, ``failed`` (needs review) or
+    ``approved`` (failed, then approved by a reviewer); None before the gate or when off."""
+    quality: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    """The stored image's checks as canonical JSON, ``{check: {score, threshold, passed}}``."""
+    phash: Mapped[int | None] = mapped_column(BigInteger)
+    """The stored image's 64-bit perceptual hash, as a signed 64-bit integer (the
+    ``duplicate`` check compares a run's images with it)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Candidate(Base):
+    """One image drawn for an item, kept or not: its roll, seed and the gate's scores."""
+
+    __tablename__ = "candidates"
+    __table_args__ = (Index("ix_candidates_item", "item_id", "roll"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    roll: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    scores: Mapped[str] = mapped_column(Text, default="{}")
+    """``{check: {score, threshold, passed}}`` as canonical JSON."""
+    passed: Mapped[bool] = mapped_column(Boolean)
+    kept: Mapped[bool] = mapped_column(Boolean)
+    """The candidate stored as the item's image."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Review(Base):
+    """A reviewer's decision on an item's stored image: who, when, which image."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (Index("ix_reviews_run", "run_id", "item_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    decision: Mapped[str] = mapped_column(String(16))
+    """``approved`` or ``rejected``."""
+    reviewer: Mapped[str] = mapped_column(String(255))
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    """The seed of the image decided on."""
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Event(Base):

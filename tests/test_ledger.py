@@ -59,9 +59,11 @@ def claim(
     return result.claims
 
 
-def finish(engine: sa.Engine, held: ledger.Claim) -> bool:
+def finish(engine: sa.Engine, held: ledger.Claim, gated: ledger.Gated | None = None) -> bool:
     """Finish ``held`` as its worker would, with a 64×64 PNG of 1 byte."""
-    return ledger.finish(engine, held, 1, "0" * 64, 0.1, width=64, height=64, image_format="png")
+    return ledger.finish(
+        engine, held, 1, "0" * 64, 0.1, width=64, height=64, image_format="png", gated=gated
+    )
 
 
 def statuses(engine: sa.Engine) -> dict[int, str]:

@@ -73,7 +73,7 @@ def test_only_explicit_commands_move_an_item_out_of_a_terminal_status() -> None:
     """Succeeded, failed, cancelled and retired items are left alone by workers and the
     reconciler: only a retry or an enqueue (changing, retiring or reviving them) moves them."""
     leaving = {name for name, move in TRANSITIONS.items() if set(move.sources) & set(TERMINAL)}
-    assert leaving == {"retry_run", "change", "retire", "revive"}
+    assert leaving == {"retry_run", "change", "retire", "revive", "approve", "reject"}
     assert all(TRANSITIONS[name].command for name in leaving)
 
 
@@ -161,7 +161,28 @@ def held(engine: sa.Engine, item_id: int) -> ledger.Claim:
         object_key=r.object_key,
         attempt=r.attempts,
         attempts_before_retry=r.attempts_before_retry,
+        next_roll=r.next_roll,
     )
+
+
+def failing_gate(claim: ledger.Claim) -> ledger.Gated:
+    """The gate's record of two candidates that both failed the ``blank`` check."""
+    scores = {"blank": {"score": 0.0, "threshold": 0.02, "passed": False}}
+    drawn = tuple(
+        ledger.Drawn(roll, claim.seed + roll, scores, passed=False, reroll=roll > 0)
+        for roll in (0, 1)
+    )
+    return ledger.Gated(drawn, kept=0, phash=(1 << 64) - 1)
+
+
+def decide_each(decision: ledger.Decision) -> Statement:
+    """A reviewer's decision on every item of the run."""
+
+    def run(engine: sa.Engine, run_id: int, ids: list[int]) -> object:
+        with ledger.begin(engine) as conn:
+            return [ledger.decide(conn, run_id, i, decision, "reviewer@example") for i in ids]
+
+    return run
 
 
 Statement = Callable[[sa.Engine, int, list[int]], object]
@@ -216,6 +237,17 @@ def stored_then_restaged(engine: sa.Engine, run_id: int, ids: list[int]) -> obje
     return restage_unchanged(engine, run_id, ids)
 
 
+def unreviewed_then_restaged(engine: sa.Engine, run_id: int, ids: list[int]) -> object:
+    """The retired item's object failed the gate and was never approved; the same enqueue."""
+    with ledger.begin(engine) as conn:
+        conn.execute(
+            sa.update(Item)
+            .where(Item.sku == ItemStatus.RETIRED.value)
+            .values(sha256="0" * 64, verdict="failed")
+        )
+    return restage_unchanged(engine, run_id, ids)
+
+
 @dataclass(frozen=True)
 class Case:
     moves: tuple[str, ...]
@@ -237,7 +269,18 @@ CASES = {
         lambda engine, run_id, ids: ledger.claim(engine, run_id, "tiny", ids, "w2", "cpu", 60),
     ),
     "renew": Case(("renew",), each(lambda engine, c: ledger.renew(engine, c, 60))),
-    "finish": Case(("finish",), each(lambda engine, c: finish(engine, c))),
+    "finish": Case(
+        ("finish",),
+        each(lambda engine, c: finish(engine, c)),
+        target=lambda move: move.to(ItemStatus.SUCCEEDED),
+    ),
+    "finish, every roll failing the gate": Case(
+        ("finish",),
+        each(lambda engine, c: finish(engine, c, gated=failing_gate(c))),
+        target=lambda move: move.to(ItemStatus.NEEDS_REVIEW),
+    ),
+    "approve": Case(("approve",), decide_each("approved")),
+    "reject": Case(("reject",), decide_each("rejected")),
     "retry_error": Case(
         ("retry_error",),
         each(lambda engine, c: ledger.fail(engine, c, "boom", retry=True, max_attempts=3)),
@@ -281,6 +324,11 @@ CASES = {
     "revive": Case(("revive",), restage_unchanged, target=lambda move: move.to(ItemStatus.PENDING)),
     "revive with its object": Case(
         ("revive",), stored_then_restaged, target=lambda move: move.to(ItemStatus.SUCCEEDED)
+    ),
+    "revive with an unreviewed object": Case(
+        ("revive",),
+        unreviewed_then_restaged,
+        target=lambda move: move.to(ItemStatus.NEEDS_REVIEW),
     ),
 }
 

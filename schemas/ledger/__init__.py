@@ -15,6 +15,8 @@ Callers write ``from skufleet.schemas import ledger`` and ``ledger.claim(...)``;
 - ``runs``: finding, cancelling, retrying and completing a run, and the objects of its
   retired items (operations);
 - ``recovery``: expired leases and lost messages (the reconciler);
+- ``review``: a run's stored images with their quality scores, and reviewers' decisions
+  (approve, reject: drawn again with the next seed variant);
 - ``reports``: counts, recent pace, retries and failures grouped by kind;
 - ``manifest``: the records of a run's manifest and their JSON Schemas;
 - ``outbox``: webhook events, recorded first and delivered after (``ledger.outbox``).
@@ -22,7 +24,7 @@ Callers write ``from skufleet.schemas import ledger`` and ``ledger.claim(...)``;
 Two calling conventions, one per module, each stated in its docstring. ``claims``,
 ``queueing`` and ``outbox`` take the Engine and commit their own transactions: what a
 worker wins or settles, and what is about to be published, is committed at once. ``intake``,
-``runs``, ``recovery`` and ``reports`` take a Connection, opened by the caller with
+``runs``, ``review``, ``recovery`` and ``reports`` take a Connection, opened by the caller with
 ``ledger.begin(engine)`` (a transaction) or ``ledger.connect(engine)`` (a read), so that one
 caller's statements commit together and database errors are translated at that one edge.
 Everywhere ``run_id`` is a run's id and ``run_name`` its name.
@@ -32,12 +34,15 @@ from skufleet.schemas.ledger import outbox
 from skufleet.schemas.ledger.claims import (
     Claim,
     ClaimResult,
+    Drawn,
+    Gated,
     claim,
     fail,
     finish,
     flag,
     release,
     renew,
+    unsigned64,
 )
 from skufleet.schemas.ledger.columns import CONTENT
 from skufleet.schemas.ledger.engine import (
@@ -76,6 +81,15 @@ from skufleet.schemas.ledger.reports import (
     retrying,
     run_status,
 )
+from skufleet.schemas.ledger.review import (
+    DECISIONS,
+    Decision,
+    Reviewed,
+    decide,
+    decisions,
+    find_items,
+    reviewable,
+)
 from skufleet.schemas.ledger.runs import (
     cancel_run,
     complete_run,
@@ -96,8 +110,13 @@ __all__ = [
     "OPEN",
     "TERMINAL",
     "TRANSITIONS",
+    "DECISIONS",
     "Claim",
     "ClaimResult",
+    "Decision",
+    "Drawn",
+    "Gated",
+    "Reviewed",
     "ItemStaging",
     "KeyCollision",
     "Queued",
@@ -112,6 +131,11 @@ __all__ = [
     "claim",
     "complete_run",
     "connect",
+    "decide",
+    "decisions",
+    "find_items",
+    "reviewable",
+    "unsigned64",
     "create_engine",
     "describe",
     "error_kind",

@@ -12,7 +12,8 @@ The attempt number it returns is the fencing token: a worker settles an item onl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +24,7 @@ from skufleet.schemas.ledger.columns import CLAIMED, PARAMS, columns
 from skufleet.schemas.ledger.engine import begin, utcnow
 from skufleet.schemas.ledger.transitions import TRANSITIONS, Transition
 from skufleet.schemas.params import GenerationParams
-from skufleet.schemas.tables import Item, ItemStatus, Run
+from skufleet.schemas.tables import Candidate, Item, ItemStatus, Run
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Claim:
     attempt: int
     attempts_before_retry: int = 0
     """Attempts made before the item was last retried or changed; the cap counts after it."""
+    next_roll: int = 0
+    """The first roll this render draws (past every roll stored before: see ``reject``)."""
 
     def may_retry(self, max_attempts: int) -> bool:
         return self.attempt - self.attempts_before_retry < max_attempts
@@ -61,31 +64,75 @@ class ClaimResult:
     refused: str | None
     """One line, when the message does not match the ledger: then nothing was claimed."""
     claims: list[Claim]
+    quality: dict[str, Any] = field(default_factory=dict)
+    """The run's quality settings (``Run.params["quality"]``): checks, thresholds,
+    max_rolls, candidates; ``{}`` for the defaults."""
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """One candidate image a render drew for an item, as the ledger records it."""
+
+    roll: int
+    seed: int
+    scores: dict[str, Any]
+    """``{check: {score, threshold, passed}}``."""
+    passed: bool
+    reroll: bool
+    """Drawn because every candidate before it failed a check."""
+
+
+@dataclass(frozen=True)
+class Gated:
+    """What the quality gate made of an item's render: every candidate, and which is kept."""
+
+    candidates: tuple[Drawn, ...]
+    kept: int
+    """Index into ``candidates`` of the stored image."""
+    phash: int
+    """The kept image's 64-bit perceptual hash (unsigned)."""
+
+    @property
+    def image(self) -> Drawn:
+        return self.candidates[self.kept]
+
+
+def signed64(value: int) -> int:
+    """An unsigned 64-bit value as the signed BIGINT SQL stores."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def unsigned64(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
 
 
 def _refusal(
     conn: Connection, run_id: int, model: str, item_ids: Sequence[int]
-) -> tuple[str | None, str | None]:
-    """``(run name, reason)``: the reason is None when every item of the message is an item
-    of run ``run_id`` and that run is drawn with ``model``."""
+) -> tuple[str | None, str | None, dict[str, Any]]:
+    """``(run name, reason, quality settings)``: the reason is None when every item of the
+    message is an item of run ``run_id`` and that run is drawn with ``model``."""
     wanted = sorted(set(item_ids))
     ours = (
         sa.select(sa.func.count())
         .where(Item.id.in_(wanted), Item.run_id == run_id)
         .scalar_subquery()
     )
-    run = conn.execute(sa.select(Run.name, Run.model, ours).where(Run.id == run_id)).first()
+    run = conn.execute(
+        sa.select(Run.name, Run.model, Run.params, ours).where(Run.id == run_id)
+    ).first()
     if run is None:
-        return None, f"no run with id {run_id}"
-    run_name, run_model, found = run
+        return None, f"no run with id {run_id}", {}
+    run_name, run_model, params, found = run
+    quality = dict((params or {}).get("quality") or {})
     if run_model != model:
-        return run_name, f"run {run_name} is for model {run_model!r}, not {model!r}"
+        return run_name, f"run {run_name} is for model {run_model!r}, not {model!r}", quality
     if found != len(wanted):
         return (
             run_name,
             f"{len(wanted) - found} of the message's items are not items of run {run_name}",
+            quality,
         )
-    return run_name, None
+    return run_name, None, quality
 
 
 def claim(
@@ -127,7 +174,7 @@ def claim(
         .returning(*columns(CLAIMED))
     )
     with begin(engine) as conn:
-        run_name, refused = _refusal(conn, run_id, model, item_ids)
+        run_name, refused, quality = _refusal(conn, run_id, model, item_ids)
         if run_name is None or refused is not None:
             return ClaimResult(run_name, refused, [])
         rows = conn.execute(statement).all()
@@ -146,26 +193,33 @@ def claim(
             object_key=r.object_key,
             attempt=int(r.attempts),
             attempts_before_retry=int(r.attempts_before_retry),
+            next_roll=int(r.next_roll),
         )
         for r in rows
     ]
-    return ClaimResult(run_name, None, sorted(claims, key=lambda c: c.id))
+    return ClaimResult(run_name, None, sorted(claims, key=lambda c: c.id), quality)
+
+
+def _fenced(
+    conn: Connection, item: Claim, move: Transition, values: dict[str, Any], target: Any = None
+) -> bool:
+    """Make ``move`` on an item we hold, writing ``values`` too: only from the move's
+    sources, and only while ``attempts`` is still the claim's. False if it is not ours."""
+    result = conn.execute(
+        sa.update(Item)
+        .where(
+            Item.id == item.id,
+            Item.attempts == item.attempt,
+            Item.status.in_(move.sources),
+        )
+        .values(status=move.target if target is None else target, **values)
+    )
+    return result.rowcount == 1
 
 
 def _fenced_update(engine: Engine, item: Claim, move: Transition, values: dict[str, Any]) -> bool:
-    """Make ``move`` on an item we hold, writing ``values`` too: only from the move's
-    sources, and only while ``attempts`` is still the claim's. False if it is not ours."""
     with begin(engine) as conn:
-        result = conn.execute(
-            sa.update(Item)
-            .where(
-                Item.id == item.id,
-                Item.attempts == item.attempt,
-                Item.status.in_(move.sources),
-            )
-            .values(status=move.target, **values)
-        )
-    return result.rowcount == 1
+        return _fenced(conn, item, move, values)
 
 
 def renew(engine: Engine, item: Claim, lease_seconds: int) -> bool:
@@ -190,29 +244,70 @@ def finish(
     width: int,
     height: int,
     image_format: str,
+    gated: Gated | None = None,
 ) -> bool:
-    """running → succeeded, only while the item is still ours (attempt fence). The object
-    is the one at the item's key, fixed at enqueue; ``width`` × ``height`` pixels and
-    ``image_format`` (png, webp, jpeg) are the stored image's, as encoded (labels and
-    thumbnails make them differ from the drawn size)."""
+    """running → succeeded, or needs_review when the quality gate failed every candidate,
+    only while the item is still ours (attempt fence). The object is the one at the item's
+    key, fixed at enqueue; ``width`` × ``height`` pixels and ``image_format`` (png, webp,
+    jpeg) are the stored image's, as encoded (labels and thumbnails make them differ from
+    the drawn size). ``gated``: every candidate drawn, recorded in ``candidates`` in the
+    same transaction, and the kept one's seed, roll and scores on the item."""
+    move = TRANSITIONS["finish"]
     now = utcnow()
-    return _fenced_update(
-        engine,
-        item,
-        TRANSITIONS["finish"],
-        {
-            "byte_size": byte_size,
-            "sha256": sha256,
-            "image_width": width,
-            "image_height": height,
-            "image_format": image_format,
-            "render_seconds": render_seconds,
-            "last_error": None,
-            "finished_at": now,
-            "lease_expires_at": None,
-            "updated_at": now,
-        },
-    )
+    values: dict[str, Any] = {
+        "byte_size": byte_size,
+        "sha256": sha256,
+        "image_width": width,
+        "image_height": height,
+        "image_format": image_format,
+        "render_seconds": render_seconds,
+        "last_error": None,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "updated_at": now,
+        "image_seed": item.seed,
+        "roll": item.next_roll,
+        "next_roll": item.next_roll + 1,
+        "renders": Item.renders + 1,
+    }
+    target = ItemStatus.SUCCEEDED
+    if gated is not None:
+        kept = gated.image
+        target = move.to(ItemStatus.SUCCEEDED if kept.passed else ItemStatus.NEEDS_REVIEW)
+        failed = [name for name, verdict in kept.scores.items() if not verdict["passed"]]
+        values.update(
+            image_seed=kept.seed,
+            roll=kept.roll,
+            next_roll=max(c.roll for c in gated.candidates) + 1,
+            renders=Item.renders + len(gated.candidates),
+            rerolls=Item.rerolls + sum(c.reroll for c in gated.candidates),
+            verdict="passed" if kept.passed else "failed",
+            quality=json.dumps(kept.scores, sort_keys=True, separators=(",", ":")),
+            phash=signed64(gated.phash),
+            last_error=None if kept.passed else f"quality: failed {', '.join(failed)}",
+        )
+    with begin(engine) as conn:
+        if not _fenced(conn, item, move, values, target):
+            return False
+        if gated is not None:
+            conn.execute(
+                sa.insert(Candidate),
+                [
+                    {
+                        "item_id": item.id,
+                        "run_id": item.run_id,
+                        "attempt": item.attempt,
+                        "roll": c.roll,
+                        "seed": c.seed,
+                        "scores": json.dumps(c.scores, sort_keys=True, separators=(",", ":")),
+                        "passed": c.passed,
+                        "kept": index == gated.kept,
+                        "created_at": now,
+                    }
+                    for index, c in enumerate(gated.candidates)
+                ],
+            )
+    return True
 
 
 def fail(

@@ -29,6 +29,7 @@ CLAIMED = (
     "object_key",
     "attempts",
     "attempts_before_retry",
+    "next_roll",
 )
 """What a claim returns: everything a worker needs to draw and store the item it won."""
 

@@ -311,7 +311,8 @@ class ItemStaging:
         with the attempt cap counted afresh: the moves ``change`` and ``change_queued``.
         Changed items a worker holds right now (running) are left alone and counted as in
         flight. A retired item whose SKU is back is changed if its content differs, else
-        revived (:attr:`revived`): succeeded while the ledger holds its object, pending (drawn
+        revived (:attr:`revived`): succeeded while the ledger holds its object (needs review
+        if that image failed the quality gate and no reviewer approved it), pending (drawn
         again) if it was pruned or never stored. Every item's catalogue ``fields`` are
         brought up to date, whatever its status. An item without a key gets its key. Call
         :meth:`drop_collisions` first: a key taken twice fails the merge.
@@ -384,16 +385,23 @@ class ItemStaging:
                 image_width=None,
                 image_height=None,
                 image_format=None,
+                image_seed=None,
+                roll=None,
+                verdict=None,
+                quality="{}",
+                phash=None,
                 finished_at=None,
                 updated_at=now,
             )
         ).rowcount
         stored = items.c.sha256.is_not(None)
+        unreviewed = sa.and_(stored, items.c.verdict == "failed")
         self.revived = self.conn.execute(
             items.update()
             .where(same_item, ~differs, items.c.status.in_(revive.sources))
             .values(
                 status=sa.case(
+                    (unreviewed, revive.to(ItemStatus.NEEDS_REVIEW).value),
                     (stored, revive.to(ItemStatus.SUCCEEDED).value),
                     else_=revive.to(ItemStatus.PENDING).value,
                 ),

@@ -10,8 +10,7 @@ the table, on PostgreSQL and SQLite.
 a lost message replaced, a queued item's content changed under its waiting message), but
 they too may only start where the table says. The statuses an item rests in
 (:data:`TERMINAL`) are left only by an explicit command: ``skufleet retry``, or an enqueue
-that changes, retires or revives the item. (The design's ``running → needs_review`` joins
-the table with the quality gate's status.)
+that changes, retires or revives the item, or a review (``approve``, ``reject``).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from skufleet.schemas.tables import ItemStatus
 
 PENDING, QUEUED, RUNNING = ItemStatus.PENDING, ItemStatus.QUEUED, ItemStatus.RUNNING
 SUCCEEDED, FAILED, CANCELLED = ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED
-RETIRED = ItemStatus.RETIRED
+RETIRED, NEEDS_REVIEW = ItemStatus.RETIRED, ItemStatus.NEEDS_REVIEW
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,11 @@ TRANSITIONS: dict[str, Transition] = {
     "unqueue": Transition((QUEUED,), (PENDING,), "the producer, publishing failed", command=True),
     "claim": Transition((QUEUED,), (RUNNING,), "a worker that won the item"),
     "renew": Transition((RUNNING,), (RUNNING,), "its worker, extending the lease"),
-    "finish": Transition((RUNNING,), (SUCCEEDED,), "its worker, the image stored"),
+    "finish": Transition(
+        (RUNNING,),
+        (SUCCEEDED, NEEDS_REVIEW),
+        "its worker, the image stored (needs review when its best roll failed a check)",
+    ),
     "retry_error": Transition((RUNNING,), (QUEUED,), "its worker, a retryable error"),
     "fail": Transition((RUNNING,), (FAILED,), "its worker, a permanent error or the cap"),
     "flag": Transition((RUNNING,), (FAILED,), "its worker, the safety checker refused it"),
@@ -86,7 +89,7 @@ TRANSITIONS: dict[str, Transition] = {
         (FAILED, CANCELLED), (PENDING,), "skufleet retry, with a fresh attempt budget", command=True
     ),
     "change": Transition(
-        (PENDING, SUCCEEDED, FAILED, CANCELLED, RETIRED),
+        (PENDING, SUCCEEDED, NEEDS_REVIEW, FAILED, CANCELLED, RETIRED),
         (PENDING,),
         "an enqueue with a changed prompt, parameters or format (a retired item comes back)",
         command=True,
@@ -95,16 +98,25 @@ TRANSITIONS: dict[str, Transition] = {
         (QUEUED,), (QUEUED,), "the same, while the item's message waits", command=True
     ),
     "retire": Transition(
-        (PENDING, QUEUED, SUCCEEDED, FAILED, CANCELLED),
+        (PENDING, QUEUED, SUCCEEDED, NEEDS_REVIEW, FAILED, CANCELLED),
         (RETIRED,),
         "an enqueue whose catalogue no longer has the SKU (running items finish first)",
         command=True,
     ),
     "revive": Transition(
         (RETIRED,),
-        (SUCCEEDED, PENDING),
-        "an enqueue whose catalogue has the SKU again, unchanged: succeeded while the ledger "
-        "holds its object, else pending (drawn again)",
+        (SUCCEEDED, NEEDS_REVIEW, PENDING),
+        "an enqueue whose catalogue has the SKU again, unchanged: succeeded (needs review if "
+        "its image failed the gate unapproved) while the ledger holds its object, else pending",
+        command=True,
+    ),
+    "approve": Transition(
+        (NEEDS_REVIEW,), (SUCCEEDED,), "a reviewer, the stored image is fine", command=True
+    ),
+    "reject": Transition(
+        (SUCCEEDED, NEEDS_REVIEW),
+        (PENDING,),
+        "a reviewer, drawn again with the item's next seed variant",
         command=True,
     ),
 }
@@ -112,5 +124,5 @@ TRANSITIONS: dict[str, Transition] = {
 
 OPEN = (PENDING, QUEUED, RUNNING)
 """Statuses the fleet has yet to move an item on from: a run with one is not complete."""
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED, RETIRED)
+TERMINAL = (SUCCEEDED, NEEDS_REVIEW, FAILED, CANCELLED, RETIRED)
 """Statuses an item rests in, until an explicit command moves it."""
