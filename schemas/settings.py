@@ -102,8 +102,18 @@ class Settings(BaseSettings):
     """A font file (TrueType, OpenType or a .ttc collection's first face) that labels are
     drawn with first; characters it lacks come from the fonts that ship with skufleet."""
 
+    quality_clip: str | None = None
+    """A CLIP model (hub id or local path; ``tiny-clip`` builds a tiny random one) that
+    scores each image against its prompt, the quality gate's ``clip`` check; unset, the
+    check is off."""
+
     @field_validator(
-        "s3_endpoint_url", "webhook_url", "flower_basic_auth", "label_font", mode="before"
+        "s3_endpoint_url",
+        "webhook_url",
+        "flower_basic_auth",
+        "label_font",
+        "quality_clip",
+        mode="before",
     )
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:

@@ -94,6 +94,9 @@ class Batch:
     flagged: list[bool]
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per stage: text, denoise, decode, check."""
+    nonfinite: list[bool] = field(default_factory=list)
+    """Per image: the decoder's output held NaN or infinity (the fp16 VAE overflow), which
+    the 8-bit pixels hide; empty means none did."""
 
     @classmethod
     def concat(cls, parts: Sequence[Batch]) -> Batch:
@@ -105,6 +108,7 @@ class Batch:
             np.concatenate([p.images for p in parts]),
             [f for p in parts for f in p.flagged],
             seconds,
+            [bad for p in parts for bad in (p.nonfinite or [False] * len(p.images))],
         )
 
 
@@ -325,6 +329,7 @@ class Pipeline:
                 for part in latents.split(max(1, self.options.vae_batch))
             ]
         )
+        nonfinite = (~torch.isfinite(decoded).flatten(1).all(dim=1)).tolist()
         pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         images = pixels.permute(0, 2, 3, 1).cpu().numpy()
         done = self._sync()
@@ -344,4 +349,5 @@ class Pipeline:
                 "decode": done - denoised,
                 "check": checked - done,
             },
+            [bool(bad) for bad in nonfinite],
         )

@@ -223,10 +223,12 @@ def assess(
     duplicates: DuplicateIndex | None = None,
     batch: Sequence[tuple[str, int]] = (),
     clip_score: float | None = None,
+    phash_value: int | None = None,
 ) -> Assessment:
-    """Run the gate's checks on one candidate image."""
+    """Run the gate's checks on one candidate image (``phash_value``: its hash, if the
+    caller computed it already)."""
     thumb = _thumbnail(image)
-    value = phash(image)
+    value = phash(image) if phash_value is None else phash_value
     verdicts: list[Verdict] = []
     for check in gate.checks:
         if check == "dark":

@@ -11,10 +11,10 @@ The attempt number it returns is the fencing token: a worker settles an item onl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -364,3 +364,23 @@ def release(engine: Engine, item: Claim, reason: str) -> bool:
             "attempts_before_retry": Item.attempts_before_retry + 1,
         },
     )
+
+
+
+def stored_hashes(
+    engine: Engine, run_id: int, since: datetime | None = None
+) -> tuple[list[tuple[str, int]], datetime | None]:
+    """``(sku, perceptual hash)`` of the run's stored images finished after ``since`` (all
+    when None), and the latest finish among them (``since`` when there is none): the
+    ``duplicate`` check's index is filled from here, then topped up."""
+    query = sa.select(Item.sku, Item.phash, Item.finished_at).where(
+        Item.run_id == run_id,
+        Item.phash.is_not(None),
+        Item.status.in_((ItemStatus.SUCCEEDED, ItemStatus.NEEDS_REVIEW)),
+    )
+    if since is not None:
+        query = query.where(Item.finished_at > since)
+    with begin(engine) as conn:
+        rows = conn.execute(query).all()
+    latest = max((r.finished_at for r in rows if r.finished_at is not None), default=since)
+    return [(r.sku, unsigned64(int(r.phash))) for r in rows], latest

@@ -174,9 +174,7 @@ def reviewable(conn: Connection, run_id: int, *, limit: int | None = None) -> li
     return found
 
 
-def find_items(
-    conn: Connection, run_id: int, pairs: Sequence[tuple[str, str | None]]
-) -> list[int]:
+def find_items(conn: Connection, run_id: int, pairs: Sequence[tuple[str, str | None]]) -> list[int]:
     """Ids of the run's items for ``(sku, shot)`` pairs (shot None: every shot of the SKU);
     ConfigError naming the first pair the run does not have."""
     ids: list[int] = []
