@@ -185,17 +185,17 @@ class Item(Base):
     (``worker.quality.seed_variant``)."""
     roll: Mapped[int | None] = mapped_column(Integer)
     """The roll of the stored image (0: the item's own seed)."""
-    next_roll: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_roll: Mapped[int] = mapped_column(Integer, server_default="0")
     """The first roll the next render draws: past every roll drawn and stored, so a rejected
     item is drawn with a seed it has not had."""
-    renders: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    renders: Mapped[int] = mapped_column(Integer, server_default="0")
     """Candidate images drawn for the item, ever (best-of-N and re-rolls included)."""
-    rerolls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rerolls: Mapped[int] = mapped_column(Integer, server_default="0")
     """Of those, the ones drawn again because every candidate before failed a check."""
     verdict: Mapped[str | None] = mapped_column(String(16))
     """The quality gate on the stored image: ``passed``, ``failed`` (needs review) or
     ``approved`` (failed, then approved by a reviewer); None before the gate or when off."""
-    quality: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    quality: Mapped[str] = mapped_column(Text, server_default="{}")
     """The stored image's checks as canonical JSON, ``{check: {score, threshold, passed}}``."""
     phash: Mapped[int | None] = mapped_column(BigInteger)
     """The stored image's 64-bit perceptual hash, as a signed 64-bit integer (the

@@ -58,6 +58,20 @@ _FAILED_BATCHES = Counter(
     "skufleet_worker_failed_batches_total", "Batches that failed to draw", [DEVICE]
 )
 
+_REROLLS = Counter(
+    "skufleet_worker_rerolls_total",
+    "Images drawn again because every candidate of their item failed a quality check",
+    [DEVICE],
+)
+_GATED = Counter(
+    "skufleet_worker_gated_items_total",
+    "Items drawn through the quality gate, by what it made of their kept image",
+    [DEVICE, "verdict"],
+)
+_CHECK_SECONDS = Counter(
+    "skufleet_worker_check_seconds_total", "Host seconds spent in quality checks", [DEVICE]
+)
+
 _device = "cpu"
 """This process's ``device`` label: set once by :func:`serve`."""
 
@@ -97,6 +111,15 @@ def observe_batch(images: int, stages: dict[str, float], busy: float, device: to
 
         MEMORY.labels(_device, "allocated").set(torch.cuda.memory_allocated(device))
         MEMORY.labels(_device, "peak").set(torch.cuda.max_memory_allocated(device))
+
+
+def observe_gate(rerolls: int, passed: int, failed: int, check_seconds: float) -> None:
+    """Count what the quality gate did for one batch: re-rolls drawn, items whose kept image
+    passed or failed (needs review), and the host time of the checks."""
+    _REROLLS.labels(_device).inc(rerolls)
+    _GATED.labels(_device, "passed").inc(passed)
+    _GATED.labels(_device, "failed").inc(failed)
+    _CHECK_SECONDS.labels(_device).inc(check_seconds)
 
 
 DEFAULT_ADDRESS = "127.0.0.1"

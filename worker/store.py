@@ -31,8 +31,8 @@ from skufleet.schemas import ledger
 from skufleet.schemas.errors import ItemError, RetryableError, Stopping
 from skufleet.schemas.output import OutputSpec
 from skufleet.schemas.settings import Settings
+from skufleet.worker.gate import Kept, Rolled
 from skufleet.worker.outage import Services
-from skufleet.worker.pipeline import Batch
 from skufleet.worker.postprocess import process
 
 log = logging.getLogger(__name__)
@@ -79,24 +79,34 @@ class Store:
         self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
 
     def batch(
-        self, claims: Sequence[ledger.Claim], batch: Batch, seconds_per_item: float, busy: float
+        self, claims: Sequence[ledger.Claim], rolled: Rolled, seconds_per_item: float, busy: float
     ) -> list[Stored]:
-        """Store every image of ``batch`` (one per claim, in order); returns when all are
+        """Store the image each claim kept (``rolled.kept``, in order); returns when all are
         done, with what became of each. ``busy`` is the device's share of time drawing, for
         the batch's log line."""
         futures = [
-            self._pool.submit(self._one, claim, pixels, flagged, seconds_per_item)
-            for claim, pixels, flagged in zip(claims, batch.images, batch.flagged, strict=True)
+            self._pool.submit(self._one, claim, kept, seconds_per_item)
+            for claim, kept in zip(claims, rolled.kept, strict=True)
         ]
         results = [future.result() for future in futures]
-        stages = ", ".join(f"{k} {v:.2f}s" for k, v in batch.seconds.items() if v >= 0.005)
+        seconds: dict[str, float] = {}
+        for drawn in rolled.batches:
+            for stage, value in drawn.seconds.items():
+                seconds[stage] = seconds.get(stage, 0.0) + value
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items() if v >= 0.005)
+        review = sum(not kept.gated.image.passed for kept in rolled.kept)
         log.info(
-            "run %s: batch of %d drawn in %.2fs (%s); encoded %.2fs, uploaded %.2fs while the "
-            "next batch drew; GPU busy %.0f%% since the first batch",
+            "run %s: %d items, %d images drawn in %.2fs (%s; %d re-rolled, checks %.2fs, %d "
+            "to review); encoded %.2fs, uploaded %.2fs while the next batch drew; GPU busy "
+            "%.0f%% since the first batch",
             claims[0].run_name,
             len(claims),
-            sum(batch.seconds.values()),
+            rolled.renders,
+            sum(seconds.values()),
             stages,
+            rolled.rerolls,
+            rolled.check_seconds,
+            review,
             sum(r.encode for r in results),
             sum(r.upload for r in results),
             100 * busy,
@@ -107,13 +117,13 @@ class Store:
         """Stop the threads once what they hold is stored."""
         self._pool.shutdown(wait=True)
 
-    def _one(
-        self, claim: ledger.Claim, pixels: np.ndarray, flagged: bool, seconds: float
-    ) -> Stored:
-        """Post-process, upload and record one image, or say why not."""
+    def _one(self, claim: ledger.Claim, kept: Kept, seconds: float) -> Stored:
+        """Post-process, upload and record the image one item kept, or say why not."""
         encode = 0.0
+        pixels: np.ndarray = kept.pixels
+        seed = kept.gated.image.seed
         try:
-            if flagged:
+            if kept.flagged:
                 recorded = self.services.in_ledger(
                     lambda: ledger.flag(
                         self.engine, claim, "flagged by the safety checker; not uploaded"
@@ -131,7 +141,7 @@ class Store:
             spec = OutputSpec.from_json(claim.output)
             started = time.perf_counter()
             encoded = process(
-                Image.fromarray(pixels), spec, self._metadata(claim), self.settings.label_font
+                Image.fromarray(pixels), spec, self._metadata(claim, seed), self.settings.label_font
             )
             digest = hashlib.sha256(encoded.body).hexdigest()
             encode = time.perf_counter() - started
@@ -158,7 +168,7 @@ class Store:
                 encoded.body,
                 digest=digest,
                 content_type=encoded.content_type,
-                metadata=self._object_metadata(claim),
+                metadata=self._object_metadata(claim, seed),
             )
             if not uploaded:
                 log.warning(
@@ -179,6 +189,7 @@ class Store:
                     width=encoded.width,
                     height=encoded.height,
                     image_format=encoded.format,
+                    gated=kept.gated,
                 )
             )
             if not finished:
@@ -198,21 +209,21 @@ class Store:
                 log.exception("storing item %s failed", claim.id)
             return Stored(claim, Fate.ERROR, exc, retry=True, encode=encode)
 
-    def _object_metadata(self, claim: ledger.Claim) -> dict[str, str]:
+    def _object_metadata(self, claim: ledger.Claim, seed: int) -> dict[str, str]:
         """S3 user metadata, which is ASCII: SKU, shot and model are percent-encoded."""
         return {
             "sku": quote(claim.sku, safe=""),
             "shot": quote(claim.shot, safe=""),
-            "seed": str(claim.seed),
+            "seed": str(seed),
             "model": quote(self.model, safe="/"),
             "prompt-sha256": hashlib.sha256(claim.prompt.encode()).hexdigest(),
         }
 
-    def _metadata(self, claim: ledger.Claim) -> dict[str, str]:
+    def _metadata(self, claim: ledger.Claim, seed: int) -> dict[str, str]:
         return {
             "prompt": claim.prompt,
             "negative_prompt": claim.negative_prompt,
-            "seed": str(claim.seed),
+            "seed": str(seed),
             "steps": str(claim.params.steps),
             "guidance_scale": str(claim.params.guidance_scale),
             "scheduler": claim.params.scheduler,

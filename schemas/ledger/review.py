@@ -130,10 +130,18 @@ def reviewable(conn: Connection, run_id: int, *, limit: int | None = None) -> li
     for start in range(0, len(ids), 1000):
         chunk = ids[start : start + 1000]
         for c in conn.execute(
-            sa.select(Candidate)
+            sa.select(
+                Candidate.item_id,
+                Candidate.attempt,
+                Candidate.roll,
+                Candidate.seed,
+                Candidate.passed,
+                Candidate.kept,
+                Candidate.scores,
+            )
             .where(Candidate.item_id.in_(chunk))
             .order_by(Candidate.item_id, Candidate.id)
-        ).scalars():
+        ):
             drawn.setdefault(c.item_id, []).append(
                 {
                     "attempt": c.attempt,
@@ -258,20 +266,28 @@ def decide(
 def decisions(conn: Connection, run_id: int) -> list[dict[str, Any]]:
     """Every decision on the run's items, oldest first."""
     rows = conn.execute(
-        sa.select(Review, Item.sku, Item.shot)
+        sa.select(
+            Review.item_id,
+            Item.sku,
+            Item.shot,
+            Review.decision,
+            Review.reviewer,
+            Review.seed,
+            Review.created_at,
+        )
         .join(Item, Item.id == Review.item_id)
         .where(Review.run_id == run_id)
         .order_by(Review.id)
     ).all()
     return [
         {
-            "item_id": review.item_id,
-            "sku": sku,
-            "shot": shot,
-            "decision": review.decision,
-            "reviewer": review.reviewer,
-            "seed": review.seed,
-            "at": review.created_at.isoformat(),
+            "item_id": row.item_id,
+            "sku": row.sku,
+            "shot": row.shot,
+            "decision": row.decision,
+            "reviewer": row.reviewer,
+            "seed": row.seed,
+            "at": row.created_at.isoformat(),
         }
-        for review, sku, shot in rows
+        for row in rows
     ]
