@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from skufleet.schemas.errors import ConfigError, DeviceError, ModelLoadError
 from skufleet.schemas.names import SCHEDULERS
@@ -71,3 +73,36 @@ def test_the_safety_checker_cannot_be_enabled_on_a_model_without_one(model_cache
     """Asking for a safety checker the model lacks is an error, not a silent no-op."""
     with pytest.raises(ModelLoadError, match="no safety checker"):
         Pipeline.load("tiny", "cpu", model_cache, PipelineOptions(safety_checker=True))
+
+
+def test_non_finite_decoder_output_is_marked_and_fails_the_dark_check(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fp16 VAE overflow: NaNs from the decoder become an all-black frame in 8 bits;
+    the batch marks that image, and the gate's ``dark`` check fails it."""
+    from skufleet.worker import quality
+
+    jobs = [Job("a red shoe", "", 1), Job("a blue shoe", "", 2)]
+    params = GenerationParams(width=64, height=64, steps=2)
+    clean = pipeline.render(jobs, params)
+    assert clean.nonfinite == [False, False]
+
+    vae = pipeline.pipe.vae
+    decode = vae.decode
+
+    def overflowing(latents: torch.Tensor, **kwargs: object) -> tuple[torch.Tensor]:
+        out = decode(latents, **kwargs)[0].clone()
+        out[0] = float("nan")  # the first image of each slice overflows
+        return (out,)
+
+    monkeypatch.setattr(vae, "decode", overflowing)
+    options = pipeline.options
+    monkeypatch.setattr(pipeline, "options", dataclasses.replace(options, vae_batch=8))
+    broken = pipeline.render(jobs, params)
+    assert broken.nonfinite == [True, False]
+    gate = quality.Gate()
+    verdicts = [
+        quality.assess(gate, image, sku=str(i), nonfinite=bad)
+        for i, (image, bad) in enumerate(zip(broken.images, broken.nonfinite, strict=True))
+    ]
+    assert [v.failed for v in verdicts] == [["dark", "blank", "flat"], []]

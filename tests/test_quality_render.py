@@ -242,3 +242,28 @@ def test_the_review_listing_shows_each_stored_image_with_its_candidates(
     assert (a.status, a.failed, len(a.candidates)) == ("needs_review", ["blank", "flat"], 2)
     assert [c["seed"] for c in a.candidates] == [SEED, seed_variant(SEED, 1)]
     assert (b.status, b.failed, b.seed, b.renders) == ("succeeded", [], SEED + 1, 1)
+
+
+def test_a_configured_clip_model_scores_every_image_against_its_prompt(
+    engine: sa.Engine, settings: Settings, model_cache: Any
+) -> None:
+    """With ``SKUFLEET_QUALITY_CLIP`` set, ``clip`` joins the default checks: each image's
+    score is recorded, and one below the run's threshold is drawn again."""
+    clip_settings = settings.model_copy(
+        update={"quality_clip": "tiny-clip", "cache_dir": model_cache}
+    )
+    worker = renderer(clip_settings, engine, ScriptedPipeline("tiny"))
+    # a tiny random CLIP scores near 0: -100 passes everything, 100 fails everything
+    run_id = queued_run(engine, ["A"], {"thresholds": {"clip": -100.0}})
+    render_queued(worker, engine, run_id)
+    a = items(engine)["A"]
+    scores = json.loads(a.quality)
+    assert set(scores) == {"dark", "blank", "flat", "duplicate", "safety", "clip"}
+    assert (a.status, scores["clip"]["passed"]) == (ItemStatus.SUCCEEDED, True)
+
+    strict = queued_run(engine, ["B"], {"thresholds": {"clip": 100.0}, "max_rolls": 1})
+    render_queued(worker, engine, strict)
+    worker.close()
+    b = items(engine)["B"]
+    assert (b.status, b.renders) == (ItemStatus.NEEDS_REVIEW, 2)
+    assert json.loads(b.quality)["clip"]["passed"] is False

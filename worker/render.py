@@ -257,10 +257,13 @@ class Renderer:
         known = self._hashes.get(run_id)
         if known is None or time.monotonic() - known.loaded > HASH_REFRESH_SECONDS:
             known = known or _RunHashes(quality.DuplicateIndex())
-            pairs, known.since = ledger.stored_hashes(self.engine, run_id, known.since)
-            known.index.add(pairs)
-            known.loaded = time.monotonic()
             self._hashes[run_id] = known
+            try:
+                pairs, known.since = ledger.stored_hashes(self.engine, run_id, known.since)
+                known.index.add(pairs)
+                known.loaded = time.monotonic()
+            except LedgerUnavailable as exc:  # checked against what is known; tried again
+                log.warning("cannot load run %s's image hashes: %s", result.run_name, exc)
         scorer = None if self.clip is None else self.clip.score
         return Roller(gate, known.index, scorer)
 
