@@ -19,20 +19,29 @@ moves ``next_roll`` past every roll stored, so the item's next image is new.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
+from sqlalchemy.engine import Engine
 
 from skufleet.schemas import ledger
-from skufleet.schemas.errors import ConfigError
+from skufleet.schemas.errors import ConfigError, ItemError, LedgerUnavailable
 from skufleet.worker import quality
 from skufleet.worker.pipeline import Batch, Job
 
+log = logging.getLogger(__name__)
+
 MAX_ROLLS = 8
 MAX_CANDIDATES = 8
+HASH_REFRESH_SECONDS = 30.0
+"""How often a run's stored images' hashes are topped up from the ledger: images other
+workers stored meanwhile join the duplicate check then."""
 
 
 def gate_from(settings: Mapping[str, Any]) -> quality.Gate:
@@ -232,3 +241,45 @@ def _assessment(candidate: _Drawn) -> quality.Assessment:
 
 def _passed(candidate: _Drawn) -> bool:
     return candidate.assessment is not None and candidate.assessment.passed
+
+
+@dataclass
+class _RunHashes:
+    index: quality.DuplicateIndex
+    since: datetime | None = None
+    loaded: float = 0.0
+
+
+class RunGates:
+    """A worker's gates, one per run it draws: each run's recorded settings and its stored
+    images' hashes, loaded from the ledger once and topped up every
+    ``HASH_REFRESH_SECONDS``; ``clip``, where a CLIP model is configured, joins the default
+    checks."""
+
+    def __init__(self, engine: Engine, clip: Any = None) -> None:
+        self.engine = engine
+        self.clip = clip
+        """A ``worker.clip.ClipScorer``, or None."""
+        self._hashes: dict[int, _RunHashes] = {}
+
+    def roller(self, result: ledger.ClaimResult) -> Roller:
+        """The roller for the claims' run; ItemError when its settings are bad."""
+        run_id = result.claims[0].run_id
+        try:
+            gate = gate_from(result.quality)
+        except ConfigError as exc:
+            raise ItemError(f"run {result.run_name}'s quality settings: {exc}") from exc
+        if self.clip is not None and "checks" not in result.quality:
+            gate = dataclasses.replace(gate, checks=(*gate.checks, "clip"))
+        known = self._hashes.get(run_id)
+        if known is None or time.monotonic() - known.loaded > HASH_REFRESH_SECONDS:
+            known = known or _RunHashes(quality.DuplicateIndex())
+            self._hashes[run_id] = known
+            try:
+                pairs, known.since = ledger.stored_hashes(self.engine, run_id, known.since)
+                known.index.add(pairs)
+                known.loaded = time.monotonic()
+            except LedgerUnavailable as exc:  # checked against what is known; tried again
+                log.warning("cannot load run %s's image hashes: %s", result.run_name, exc)
+        scorer = None if self.clip is None else self.clip.score
+        return Roller(gate, known.index, scorer)

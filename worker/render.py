@@ -22,20 +22,17 @@ A run's completion (its manifest and webhook) is not the worker's: the reconcile
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
 
 import torch
 from sqlalchemy.engine import Engine
 
 from skufleet.schemas import ledger
 from skufleet.schemas.errors import (
-    ConfigError,
     DeviceError,
     FatalError,
     ItemError,
@@ -47,9 +44,9 @@ from skufleet.schemas.label import label, retry_note
 from skufleet.schemas.params import GenerationParams, RenderPayload
 from skufleet.schemas.settings import Settings
 from skufleet.schemas.tables import ItemStatus
-from skufleet.worker import metrics, quality
+from skufleet.worker import metrics
 from skufleet.worker.clip import ClipScorer
-from skufleet.worker.gate import Roller, Want, gate_from
+from skufleet.worker.gate import RunGates, Want
 from skufleet.worker.outage import Services
 from skufleet.worker.outcome import Outcome, describe_error
 from skufleet.worker.pipeline import Batch, ImageModel, Job
@@ -65,18 +62,6 @@ TASK_THREADS = 2
 """Task threads per device (the Celery pool's concurrency): one draws while one stores."""
 MAX_BACKOFF_SECONDS = 600.0
 _DEVICE_FAILURES = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert")
-
-
-HASH_REFRESH_SECONDS = 30.0
-"""How often a run's stored images' hashes are topped up from the ledger: images other
-workers stored meanwhile join the duplicate check then."""
-
-
-@dataclasses.dataclass
-class _RunHashes:
-    index: quality.DuplicateIndex
-    since: datetime | None = None
-    loaded: float = 0.0
 
 
 def backoff(base: float, attempt: int) -> float:
@@ -121,17 +106,16 @@ class Renderer:
         self._stores = threading.Condition()
         self._in_hand = 0
         self._in_hand_lock = threading.Lock()
-        self.clip: ClipScorer | None = None
-        """CLIP for the gate's ``clip`` check, where ``SKUFLEET_QUALITY_CLIP`` names one."""
-        if settings.quality_clip:
+        clip = None
+        if settings.quality_clip:  # CLIP for the gate's clip check, on the pipeline's device
             device = getattr(pipeline, "device", None)
-            self.clip = ClipScorer(
+            clip = ClipScorer(
                 settings.quality_clip,
                 device if isinstance(device, torch.device) else torch.device("cpu"),
                 settings.cache_dir,
             )
-        self._hashes: dict[int, _RunHashes] = {}
-        """Per run: the perceptual hashes of its stored images, for the duplicate check."""
+        self.gates = RunGates(engine, clip)
+        """Each run's quality gate, with its stored images' hashes for the duplicate check."""
 
     def busy(self) -> bool:
         """True while a message is being rendered or its batch stored."""
@@ -195,7 +179,7 @@ class Renderer:
             # the items of one message share their parameters
             started = time.perf_counter()
             try:
-                roller = self._roller(result)
+                roller = self.gates.roller(result)
                 params = claims[0].params
                 wants = [
                     Want(c.sku, c.prompt, c.negative_prompt, c.seed, c.next_roll) for c in claims
@@ -242,30 +226,6 @@ class Renderer:
             for claim in claims:
                 self.services.unhold(claim)
         return outcome
-
-    def _roller(self, result: ledger.ClaimResult) -> Roller:
-        """The gate of the claims' run: its recorded settings (``clip`` joins the default
-        checks where a CLIP model is configured), and the run's stored images' hashes,
-        loaded from the ledger once and topped up every ``HASH_REFRESH_SECONDS``."""
-        run_id = result.claims[0].run_id
-        try:
-            gate = gate_from(result.quality)
-        except ConfigError as exc:
-            raise ItemError(f"run {result.run_name}'s quality settings: {exc}") from exc
-        if self.clip is not None and "checks" not in result.quality:
-            gate = dataclasses.replace(gate, checks=(*gate.checks, "clip"))
-        known = self._hashes.get(run_id)
-        if known is None or time.monotonic() - known.loaded > HASH_REFRESH_SECONDS:
-            known = known or _RunHashes(quality.DuplicateIndex())
-            self._hashes[run_id] = known
-            try:
-                pairs, known.since = ledger.stored_hashes(self.engine, run_id, known.since)
-                known.index.add(pairs)
-                known.loaded = time.monotonic()
-            except LedgerUnavailable as exc:  # checked against what is known; tried again
-                log.warning("cannot load run %s's image hashes: %s", result.run_name, exc)
-        scorer = None if self.clip is None else self.clip.score
-        return Roller(gate, known.index, scorer)
 
     def _isolate(self, claims: Sequence[ledger.Claim]) -> bool:
         """A retried item may be what killed a worker before: before it draws, wait (holding
