@@ -93,6 +93,7 @@ def test_catalogue_is_rendered_once_and_matches_the_ledger(fleet: Fleet) -> None
         "queued": 0,
         "running": 0,
         "succeeded": 40,
+        "needs_review": 0,
         "failed": 0,
         "cancelled": 0,
         "retired": 0,
