@@ -70,3 +70,34 @@ def test_gpu_benchmark_runs_on_the_cpu_without_the_fleet_libraries(tmp_path: Pat
     assert figures["baseline"]["setup"].endswith("attention slicing, batch 1, PNG encoded in line")
     assert figures["speedup_vs_baseline"] > 0 and figures["fastest"]["batch_size"] in (1, 2)
     assert figures["settings"]["width"] == 64 and figures["weights"] == "tiny random test model"
+
+
+def test_quality_benchmark_smoke_run_catches_every_bad_image(tmp_path: Path) -> None:
+    """bench/quality.py --smoke draws 40 items at 128×128 through the worker's gate code with
+    a stand-in model: without the gate bad images are delivered, with it none, at under 1.5
+    renders per item."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = tmp_path.glob("quality-*.json")
+    figures = json.loads(written.read_text())
+    assert json.loads(result.stdout) == figures
+    assert figures["settings"]["items"] == 40 and figures["settings"]["width"] == 128
+    runs = {run["configuration"]: run for run in figures["runs"]}
+    assert set(runs) == {"no gate", "gate", "gate, best of 2"}
+    ungated, gated = runs["no gate"], runs["gate"]
+    assert ungated["bad_delivered_as_succeeded"] > 0 and ungated["renders_per_item"] == 1.0
+    assert ungated["bad_delivered_as_succeeded"] == ungated["bad_first_draws"]
+    for run in (gated, runs["gate, best of 2"]):
+        assert run["bad_delivered_as_succeeded"] == 0 and run["bad_draws_passed"] == 0
+        assert run["delivered_as_succeeded"] + run["needs_review"] == 40
+    assert gated["renders_per_item"] <= 1.5 and gated["rerolls"] > 0
+    assert gated["check_ms_per_image"] > 0 and 0 < gated["checks_share_of_host_time"] < 1
+    assert (
+        figures["met"]["bad_delivered_with_gate"] and figures["met"]["renders_per_item_with_gate"]
+    )

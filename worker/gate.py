@@ -142,7 +142,7 @@ class Roller:
 
     def draw(self, wants: Sequence[Want], draw: Callable[[list[Job]], Batch]) -> Rolled:
         gate = self.gate
-        n = gate.candidates
+        n = gate.candidates if gate.enabled else 1  # nothing to rank candidates by
         rolled = Rolled([])
         drawn: list[list[_Drawn]] = [[] for _ in wants]
         pending = [(i, w.next_roll + k) for i, w in enumerate(wants) for k in range(n)]
@@ -198,23 +198,26 @@ class Roller:
         fresh: list[tuple[int, _Drawn]],
         drawn: list[list[_Drawn]],
     ) -> None:
-        """Check each new candidate against the run's index and every candidate drawn so far
-        for the other items."""
+        """Check each new candidate against the run's index, the other items' passing
+        candidates of earlier rounds, and those drawn before it in this batch."""
         clip_scores: list[float | None] = [None] * len(fresh)
         if self.clip is not None and fresh:
             scores = self.clip([c.pixels for _, c in fresh], [wants[i].prompt for i, _ in fresh])
             clip_scores = list(scores)
         hashes = [(i, quality.phash(c.pixels)) for i, c in fresh]
+        # an earlier round's candidate counts only where it passed (it may be kept); in
+        # this round, the first item to draw a picture keeps it and later ones are copies
         earlier = [
             (k, c.assessment.phash)
             for k, candidates in enumerate(drawn)
             for c in candidates
-            if c.assessment is not None
+            if c.assessment is not None and c.assessment.passed
         ]
-        for (i, candidate), clip_score, (_, own) in zip(fresh, clip_scores, hashes, strict=True):
+        for at, ((i, candidate), clip_score) in enumerate(zip(fresh, clip_scores, strict=True)):
+            own = hashes[at][1]
             others = [
                 (wants[k].sku, value)
-                for k, value in (*earlier, *hashes)
+                for k, value in (*earlier, *hashes[:at])
                 if k != i and wants[k].sku != wants[i].sku
             ]
             candidate.assessment = quality.assess(

@@ -366,7 +366,6 @@ def release(engine: Engine, item: Claim, reason: str) -> bool:
     )
 
 
-
 def stored_hashes(
     engine: Engine, run_id: int, since: datetime | None = None
 ) -> tuple[list[tuple[str, int]], datetime | None]:
