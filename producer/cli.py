@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from skufleet import __version__
-from skufleet.producer import cli_fleet
+from skufleet.producer import cli_fleet, cli_review
 from skufleet.producer.console import (
     err,
     fail,
@@ -37,7 +37,7 @@ from skufleet.producer.console import (
     parse_overrides,
     reported,
 )
-from skufleet.schemas import ledger
+from skufleet.schemas import gate, ledger
 from skufleet.schemas.errors import (
     EXIT_CODES_HELP,
     ConfigError,
@@ -140,6 +140,10 @@ def enqueue(
         bool,
         typer.Option(help="Delete the objects of the run's retired items from the bucket."),
     ] = False,
+    checks: Annotated[str | None, cli_fleet.ENQUEUE_GATE.checks] = None,
+    threshold: Annotated[list[str] | None, cli_fleet.ENQUEUE_GATE.threshold] = None,
+    max_rolls: Annotated[int | None, cli_fleet.ENQUEUE_GATE.max_rolls] = None,
+    candidates: Annotated[int | None, cli_fleet.ENQUEUE_GATE.candidates] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Read a catalogue, record its items in the ledger and queue them for rendering.
@@ -183,6 +187,7 @@ def enqueue(
             ),
             encoding=encoding,
             delimiter=parse_delimiter(delimiter) if delimiter is not None else None,
+            quality=gate.from_flags(checks, threshold or (), max_rolls, candidates),
         )
         engine = ledger_engine(settings)
         with contextlib.ExitStack() as stack:
@@ -240,6 +245,7 @@ def enqueue(
     ):
         table.add_row(name.replace("_", " "), f"{getattr(summary, name):,}")
     table.add_row("queue", escape(summary.queue))
+    table.add_row("quality gate", escape(gate.describe(summary.quality)))
     out.print(table)
     for reason, count in sorted(summary.reasons.items()):
         see = f" (see {escape(str(rejects))})" if rejects else ""
@@ -280,7 +286,8 @@ def status(
         bool, typer.Option("--watch", help="Refresh until every item is done.")
     ] = False,
 ) -> None:
-    """Progress of a run: items by status, items/s, ETA, retries and failures by kind."""
+    """Progress of a run: items by status, items/s, ETA, retries and failures by kind, and
+    the quality gate: usable share, re-rolls, renders per image, items waiting for review."""
     from skufleet.producer.status import snapshot, status_view
 
     settings: Settings = ctx.obj
@@ -385,6 +392,8 @@ for command in (
     cli_fleet.generate,
     cli_fleet.reconcile,
     cli_fleet.demo,
+    cli_review.review,
+    cli_review.reroll,
 ):
     app.command()(command)
 

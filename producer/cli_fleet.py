@@ -10,8 +10,9 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -25,13 +26,50 @@ from skufleet.producer.console import (
     port_option,
     reported,
 )
-from skufleet.schemas import ledger
+from skufleet.schemas import gate, ledger
 from skufleet.schemas.errors import (
     ConfigError,
     RetryableError,
     one_line,
 )
 from skufleet.schemas.settings import Settings
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """The quality gate's flags (``schemas.gate.from_flags``), their defaults said as the
+    command has them: ``enqueue``'s come after the pack's ``[quality]``."""
+
+    checks: Any
+    threshold: Any
+    max_rolls: Any
+    candidates: Any
+
+    @classmethod
+    def said(cls, before: str) -> GateOptions:
+        defaults = ",".join(gate.DEFAULT_CHECKS)
+        return cls(
+            typer.Option(
+                help="Quality checks, comma-separated (dark, blank, flat, duplicate, safety, "
+                f"clip), or none for no gate [{before}{defaults}]."
+            ),
+            typer.Option(
+                help="Hold a check to another threshold: dark=0.1 (repeatable) "
+                f"[{before}the check's own]."
+            ),
+            typer.Option(
+                help="Times an item whose every candidate failed a check is drawn again, "
+                f"0-{gate.MAX_ROLLS} [{before}{gate.DEFAULT_MAX_ROLLS}]."
+            ),
+            typer.Option(
+                help=f"Images drawn per item, 1-{gate.MAX_CANDIDATES}, the best one kept "
+                f"[{before}{gate.DEFAULT_CANDIDATES}]."
+            ),
+        )
+
+
+ENQUEUE_GATE = GateOptions.said("pack, else ")
+GENERATE_GATE = GateOptions.said("")
 
 
 def manifest(
@@ -47,9 +85,10 @@ def manifest(
         ),
     ] = False,
 ) -> None:
-    """JSON Lines, one per succeeded item: run, sku, shot, key, seed, sha256, bytes, prompt,
-    negative prompt, model and generation parameters. Written to the bucket by itself when
-    a run completes; --upload writes it again now."""
+    """JSON Lines, one per succeeded item: run, sku, shot, key, seed (of the stored image),
+    roll, quality scores and verdict, sha256, bytes, prompt, negative prompt, model and
+    generation parameters; items waiting for review are left out until approved. Written to
+    the bucket by itself when a run completes; --upload writes it again now."""
     from skufleet.producer.paths import check_output, open_output
 
     settings: Settings = ctx.obj
@@ -134,9 +173,10 @@ def metrics(
     address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", callback=port_option)] = 9808,
 ) -> None:
-    """Prometheus metrics Flower lacks: queue depth per queue, items by status per run, and
-    failures and retries by kind, for open runs and those active in the last day (served on
-    /metrics; per-device rates come from each worker's --metrics-port)."""
+    """Prometheus metrics Flower lacks: queue depth per queue, items by status per run,
+    failures and retries by kind, and the quality gate's items waiting for review, re-rolls,
+    renders and usable share per run, for open runs and those active in the last day (served
+    on /metrics; per-device rates come from each worker's --metrics-port)."""
     from prometheus_client import REGISTRY, start_http_server
 
     from skufleet.producer.metrics import FleetCollector
@@ -171,6 +211,10 @@ def generate(
     steps: Annotated[int | None, typer.Option(help="Denoising steps [model default].")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the images are saved.")] = Path("."),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the fleet.")] = 3600,
+    checks: Annotated[str | None, GENERATE_GATE.checks] = None,
+    threshold: Annotated[list[str] | None, GENERATE_GATE.threshold] = None,
+    max_rolls: Annotated[int | None, GENERATE_GATE.max_rolls] = None,
+    candidates: Annotated[int | None, GENERATE_GATE.candidates] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the run, saved paths and missing images as JSON.")
     ] = False,
@@ -182,6 +226,9 @@ def generate(
     with reported():
         model = model or settings.model
         overrides = parse_overrides(model, size, steps=steps)
+        quality = gate.resolve(
+            flags=gate.from_flags(checks, threshold or (), max_rolls, candidates)
+        )
         generated = run_generate(
             settings,
             ledger_engine(settings),
@@ -191,6 +238,7 @@ def generate(
             seed=seed,
             model=model,
             overrides=overrides,
+            quality=quality,
             out_dir=out_dir,
             timeout=timeout,
             console=err,

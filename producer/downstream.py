@@ -2,12 +2,13 @@
 
 When a run's last open item is done, the reconciler (the caller that wins
 ``ledger.complete_run``) calls :func:`complete`: the manifest goes to the bucket, one line
-per succeeded item in ``<run>/manifest.jsonl`` and its summary in ``<run>/manifest.json``
-(``schemas.ledger.manifest``), and, with a webhook configured, an event with the counts
+per succeeded item in ``<run>/manifest.jsonl`` (items waiting for review are in none until
+approved) and its summary in ``<run>/manifest.json`` (``schemas.ledger.manifest``), and,
+with a webhook configured, an event with the counts, needs_review and re-rolls included,
 goes into the ledger's outbox (``schemas.ledger.outbox``) and is sent at once:
 ``run.completed`` the first time, ``run.updated`` when the run completes again with another
 manifest or other counts (items retried, changed, added or retired), none when nothing
-changed.
+changed (a reviewer's approval changes both: the item joins the manifest).
 
 Delivery is one POST of the event's JSON body, ``http`` or ``https`` only, redirects not
 followed, :data:`WEBHOOK_TIMEOUT` seconds to connect and to answer, signed with
@@ -85,8 +86,9 @@ def publish_manifest(engine: Engine, bucket: Bucket, run: str) -> Published:
     "items", "manifest", "bytes", "sha256", "generated_at"}``.
 
     The counts are read first: ``complete`` is true when they show no open item (nothing
-    pending, queued or running), and then only an enqueue or a retry can change the run,
-    which makes it complete again later with a new manifest. ``items``, ``bytes`` and
+    pending, queued or running; an item waiting for review is not open), and then only an
+    enqueue, a retry or a review can change the run, which makes it complete again later
+    with a new manifest. ``items``, ``bytes`` and
     ``sha256`` are those of the lines uploaded.
     """
     with ledger.connect(engine) as conn:
@@ -316,7 +318,11 @@ def complete(
     The completion and its event commit together, before any delivery: a webhook that is
     down delays the event, the reconciler sends it later, and nothing here raises for the
     webhook. The event's body: ``{"event", "id", "run", "complete", "counts", "attempts",
-    "items", "completion", "bucket", "manifest", "summary", "schema_version"}``.
+    "needs_review", "renders", "rerolls", "usable_ratio", "renders_per_item", "items",
+    "completion", "bucket", "manifest", "summary", "schema_version"}`` (the quality gate's
+    figures are ``ledger.RunStatus``'s: items waiting for review, candidate images drawn,
+    those drawn again, the share of finished items that succeeded, renders per stored
+    image).
     """
     with ledger.begin(engine) as conn:
         if not ledger.complete_run(conn, run_id):

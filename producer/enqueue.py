@@ -30,7 +30,7 @@ from skufleet.producer.publish import Publisher
 from skufleet.producer.seed import derive_seed
 from skufleet.producer.template import Rendered, TemplatePack
 from skufleet.producer.tokens import count_tokens
-from skufleet.schemas import ledger
+from skufleet.schemas import gate, ledger
 from skufleet.schemas.errors import ConfigError, ItemError, NothingAccepted
 from skufleet.schemas.key import check_run_name
 from skufleet.schemas.names import render_queue
@@ -84,6 +84,8 @@ class EnqueueSummary:
     """Items published for rendering by this enqueue."""
     messages: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    """The run's quality-gate settings as stored (``schemas.gate.resolve``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +101,9 @@ class EnqueueRequest:
     pack: TemplatePack = field(default_factory=TemplatePack.default)
     overrides: dict[str, Any] = field(default_factory=dict)
     """Generation parameters given on the command line; they win over the pack's."""
+    quality: dict[str, Any] = field(default_factory=dict)
+    """Quality-gate settings given on the command line (``schemas.gate.from_flags``); they
+    win over the pack's ``[quality]``."""
     prune: bool = False
     """Delete the objects of the run's retired items from the bucket."""
     encoding: str = "utf-8"
@@ -111,6 +116,11 @@ class EnqueueRequest:
             raise ConfigError(f"batch size must be 1-1024, got {self.batch_size}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be between 0 and 2**63-1, got {self.seed}")
+        self.gate()  # a threshold for a check the run does not make, found before the ledger
+
+    def gate(self) -> dict[str, Any]:
+        """The run's quality-gate settings: defaults < the pack's < the flags'."""
+        return gate.resolve(self.pack.quality, self.quality)
 
 
 class _Parameters:
@@ -351,7 +361,11 @@ def enqueue(
     ledger.require_schema(engine)
     queue = render_queue(queue_prefix, request.model)
     summary = EnqueueSummary(
-        run=request.run, model=request.model, template=request.pack.name, queue=queue
+        run=request.run,
+        model=request.model,
+        template=request.pack.name,
+        queue=queue,
+        quality=request.gate(),
     )
     stager = _Stager(request, report)
 
@@ -371,7 +385,7 @@ def enqueue(
             request.model,
             request.seed,
             request.pack.name,
-            {**request.overrides, "batch_size": request.batch_size},
+            {**request.overrides, "batch_size": request.batch_size, "quality": summary.quality},
         )
         staging = ledger.ItemStaging(conn, run_id)
         for chunk in _chunks(catalogue, STAGE_CHUNK):

@@ -23,7 +23,7 @@ from skufleet.producer.enqueue import publish_pending
 from skufleet.producer.progress import wait_for_run
 from skufleet.producer.publish import Publisher
 from skufleet.producer.seed import SEED_SPACE
-from skufleet.schemas import ledger
+from skufleet.schemas import gate, ledger
 from skufleet.schemas.errors import ConfigError
 from skufleet.schemas.names import render_queue
 from skufleet.schemas.params import layer
@@ -40,8 +40,8 @@ class Generated:
     paths: list[Path]
     """The images saved, one per item that succeeded."""
     missing: list[dict[str, Any]]
-    """Images that failed or were cancelled (sku, shot, status, error): the command then
-    exits 1."""
+    """Images that failed, wait for review (failed a quality check) or were cancelled (sku,
+    shot, status, error): the command then exits 1."""
 
     def as_dict(self) -> dict[str, Any]:
         """``generate --json``."""
@@ -62,12 +62,15 @@ def generate(
     seed: int = 0,
     model: str,
     overrides: dict[str, Any],
+    quality: dict[str, Any] | None = None,
     out_dir: Path,
     timeout: float,
     console: Console,
 ) -> Generated:
     """Queue ``count`` images of ``prompt`` (seeds ``seed``, ``seed + 1``, …), wait for the
-    fleet to draw them, and save them in ``out_dir``; returns their paths."""
+    fleet to draw them, and save them in ``out_dir``; returns their paths. ``quality``: the
+    run's quality-gate settings (``schemas.gate.resolve``; the defaults when None); an image
+    that fails a check waits for review and is not saved."""
     if not 1 <= count <= MAX_IMAGES:
         raise ConfigError(f"-n must be 1-{MAX_IMAGES}, got {count}")
     if not prompt.strip():
@@ -90,7 +93,8 @@ def generate(
     ]
     # 1. the items, then their messages
     with ledger.begin(engine) as conn:
-        run_id = ledger.upsert_run(conn, run, model, seed, "generate", overrides)
+        params = {**overrides, "quality": quality or gate.resolve()}
+        run_id = ledger.upsert_run(conn, run, model, seed, "generate", params)
         staging = ledger.ItemStaging(conn, run_id)
         staging.add(rows)
         staging.merge()
@@ -132,6 +136,11 @@ def generate(
     if counts[ItemStatus.FAILED]:
         console.print(
             f"{counts[ItemStatus.FAILED]} of {count} images failed; see `skufleet status {run}`"
+        )
+    if counts[ItemStatus.NEEDS_REVIEW]:
+        console.print(
+            f"{counts[ItemStatus.NEEDS_REVIEW]} of {count} images failed a quality check and "
+            f"wait for review; see `skufleet review {run}`"
         )
     if counts[ItemStatus.CANCELLED]:
         console.print(f"{counts[ItemStatus.CANCELLED]} of {count} images were cancelled")

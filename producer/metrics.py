@@ -1,5 +1,6 @@
 """Prometheus metrics of the fleet that Flower does not export: queue depth, items by status
-per run, and each run's failures and retries by kind of error.
+per run, each run's failures and retries by kind of error, and what its quality gate did
+(items waiting for review, re-rolls, renders, the share of finished items usable).
 
 ``skufleet metrics`` serves them; every value is read from Redis and the ledger at scrape
 time, so the endpoint holds no state and any number of replicas agree. Runs are those still
@@ -53,6 +54,27 @@ def families() -> dict[str, GaugeMetricFamily]:
             "Open items of a run that an earlier attempt failed: being tried again",
             labels=["run"],
         ),
+        "needs_review": GaugeMetricFamily(
+            "skufleet_run_needs_review_items",
+            "Items of a run whose stored image failed a quality check: waiting for a reviewer",
+            labels=["run"],
+        ),
+        "rerolls": GaugeMetricFamily(
+            "skufleet_run_rerolls",
+            "Images of a run drawn again because every candidate before failed a quality check",
+            labels=["run"],
+        ),
+        "renders": GaugeMetricFamily(
+            "skufleet_run_renders",
+            "Candidate images drawn for a run's items (best-of-N and re-rolls included)",
+            labels=["run"],
+        ),
+        "usable": GaugeMetricFamily(
+            "skufleet_run_usable_ratio",
+            "Of a run's finished items (succeeded, needs_review, failed), the share that "
+            "succeeded, 0-1 (no sample while none is finished)",
+            labels=["run"],
+        ),
         "up": GaugeMetricFamily(
             "skufleet_metrics_sources_up",
             "1 when the ledger and the broker could be read",
@@ -87,6 +109,12 @@ class FleetCollector(Collector):
                     if run.status.total - run.status.done:
                         retrying, _ = ledger.retrying(conn, run.name, limit=0)
                     found["retrying"].add_metric([run.name], retrying)
+                    gated = run.status
+                    found["needs_review"].add_metric([run.name], gated.needs_review)
+                    found["rerolls"].add_metric([run.name], gated.rerolls)
+                    found["renders"].add_metric([run.name], gated.renders)
+                    if gated.usable_ratio is not None:
+                        found["usable"].add_metric([run.name], gated.usable_ratio)
             found["up"].add_metric(["ledger"], 1)
         except (sa.exc.SQLAlchemyError, RetryableError):
             models = []

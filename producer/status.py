@@ -3,8 +3,10 @@
 A run's progress keeps succeeded and failed apart: the bar fills with succeeded items (green)
 and failed ones (red), each counted in its own figure. The pace and the ETA come from the
 run's own recent work (:func:`items_per_second`), failures and retries are grouped by the
-kind of their error (``ledger.error_kind``), and ``runs`` fits its table to the terminal by
-leaving out the least needed columns, never by cutting a run's name.
+kind of their error (``ledger.error_kind``), the quality gate's figures get a line (the
+share of finished items usable, re-rolls, renders per stored image) and the items waiting
+for review another, with the command that shows them, and ``runs`` fits its table to the
+terminal by leaving out the least needed columns, never by cutting a run's name.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ BAR_WIDTH = 50
 STYLES = {"succeeded": "green", "failed": "red", "other": "yellow", "open": "bright_black"}
 """Bar colours: succeeded, failed, otherwise done (cancelled…), and open items."""
 _SHOWN = ("pending", "queued", "running", "succeeded", "failed")
-"""Statuses the figures line names itself; any other one is listed when it has items."""
+"""Statuses the figures line names itself and the table always has; any other one is
+listed, and has a column, when it has items (``status --json`` counts every one)."""
+_LABELS = {"needs_review": "to review"}
+"""How the figures line says a status, where not by its name."""
 
 
 def items_per_second(finished: int, seconds: float) -> float | None:
@@ -100,7 +105,16 @@ class Snapshot:
             "eta_seconds": None if eta is None else round(eta),
             "failures_by_kind": _kinds(self.failures),
             "retrying": {"count": self.retrying, "by_kind": _kinds(self.retry_reasons)},
+            "waiting_for_review": {
+                "count": self.status.needs_review,
+                "hint": review_hint(self.status) if self.status.needs_review else None,
+            },
         }
+
+
+def review_hint(status: ledger.RunStatus) -> str:
+    """The command that shows a run's images waiting for review."""
+    return f"skufleet review {status.run_name}"
 
 
 def _kinds(pairs: list[tuple[str, int]]) -> list[dict[str, Any]]:
@@ -168,24 +182,50 @@ def status_view(run: str, snap: Snapshot) -> Group:
     figures.append(f"{counts['failed']:,} failed", style="bold red" if counts["failed"] else None)
     for name, count in counts.items():
         if count and name not in _SHOWN:
-            figures.append(f" · {count:,} {name}", style=STYLES["other"])
+            figures.append(f" · {count:,} {_LABELS.get(name, name)}", style=STYLES["other"])
     figures.append(f" · {snap.remaining:,} open")
     if snap.retrying:
         figures.append(f" ({snap.retrying:,} retrying)", style="yellow")
     pace = "—" if rate is None else f"{rate:.2f}"
     figures.append(f" · {pace} items/s · ETA {format_eta(snap.remaining, rate)}")
     table = Table(show_header=True, box=None)
-    for name in counts:
+    columns = [name for name, n in counts.items() if n or name in _SHOWN]
+    for name in columns:
         table.add_column(name, justify="right")
-    table.add_column("renders started", justify="right")
-    table.add_row(*(f"{n:,}" for n in counts.values()), f"{status.attempts:,}")
+    table.add_column("attempts", justify="right")
+    table.add_row(*(f"{counts[name]:,}" for name in columns), f"{status.attempts:,}")
     parts: list[Any] = [_Headline(run, status), figures, table]
+    if status.usable_ratio is not None or status.renders:
+        parts.append(quality_line(status))
+    if status.needs_review:
+        waiting = Text(f"waiting for review: {status.needs_review:,}", style="bold yellow")
+        parts.append(waiting.append(f" · {review_hint(status)}", style="not bold"))
     if snap.failures:
         parts.append(_kind_table("failures by kind", snap.failures, counts["failed"]))
     if snap.retry_reasons:
         title = f"retrying: {snap.retrying:,} items, by last error"
         parts.append(_kind_table(title, snap.retry_reasons, snap.retrying))
     return Group(*parts)
+
+
+def quality_line(status: ledger.RunStatus) -> Text:
+    """``quality: 90.0% usable · 3 re-rolls · 23 renders, 1.15 per stored image``: of the
+    items finished (succeeded, needs_review, failed), the share that succeeded; the images
+    drawn again because every candidate before failed a check; the candidate images drawn,
+    and how many per stored image (succeeded or needs_review)."""
+    usable, per_item = status.usable_ratio, status.renders_per_item
+    line = Text("quality: ")
+    line.append("—" if usable is None else f"{usable:.1%}", style=_usable_style(usable))
+    line.append(f" usable · {status.rerolls:,} re-roll{'' if status.rerolls == 1 else 's'}")
+    line.append(f" · {status.renders:,} renders, ")
+    line.append(f"{'—' if per_item is None else f'{per_item:.2f}'} per stored image")
+    return line
+
+
+def _usable_style(usable: float | None) -> str | None:
+    if usable is None:
+        return None
+    return "green" if usable >= 0.95 else "yellow" if usable >= 0.8 else "red"
 
 
 def _kind_table(title: str, kinds: list[tuple[str, int]], total: int) -> Table:
@@ -201,21 +241,33 @@ def _kind_table(title: str, kinds: list[tuple[str, int]], total: int) -> Table:
 
 
 def run_state(run: ledger.RunSummary) -> str:
-    """``running`` while items are open, then ``done`` (all succeeded) or ``failed`` (some
-    failed); ``cancelled`` once cancelled."""
+    """``running`` while items are open, then ``failed`` (some failed), ``review`` (some
+    wait for a reviewer) or ``done`` (all succeeded); ``cancelled`` once cancelled."""
     if run.cancelled:
         return "cancelled"
     if run.status.total - run.status.done:
         return "running"
-    return "failed" if run.status.counts["failed"] else "done"
+    if run.status.counts["failed"]:
+        return "failed"
+    return "review" if run.status.needs_review else "done"
 
 
-RUN_COLUMNS = ("run", "state", "succeeded", "failed", "open", "created", "model", "pack")
+RUN_COLUMNS = (
+    "run",
+    "state",
+    "succeeded",
+    "failed",
+    "open",
+    "review",
+    "created",
+    "model",
+    "pack",
+)
 """The columns of `skufleet runs`, most needed first: a narrow terminal loses the last ones
-(`runs --json` has them all)."""
+(`runs --json` has them all). ``review``: items waiting for a reviewer."""
 _KEPT = 5
 """run, state, succeeded, failed and open are always shown."""
-_NUMERIC = ("succeeded", "failed", "open")
+_NUMERIC = ("succeeded", "failed", "open", "review")
 
 
 def runs_table(found: Sequence[ledger.RunSummary], width: int) -> Table:
@@ -228,6 +280,7 @@ def runs_table(found: Sequence[ledger.RunSummary], width: int) -> Table:
             "succeeded": f"{run.status.counts['succeeded']:,}/{run.status.total:,}",
             "failed": f"{run.status.counts['failed']:,}",
             "open": f"{run.status.total - run.status.done:,}",
+            "review": f"{run.status.needs_review:,}",
             "created": f"{run.created_at:%Y-%m-%d %H:%M}",
             "model": run.model,
             "pack": run.template,

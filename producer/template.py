@@ -12,6 +12,12 @@ A pack is a TOML file::
     [params]                          # defaults for every category (optional)
     steps = 30
 
+    [quality]                         # the quality gate (optional, see schemas.gate)
+    checks = ["dark", "blank", "duplicate", "safety"]
+    thresholds = { dark = 0.08 }
+    max_rolls = 2                     # re-rolls of an item whose every candidate failed
+    candidates = 1                    # images drawn per item, the best one kept
+
     [categories.default]              # used when no other category matches
     subject = "{{ title }}"
     negative = "blurry, watermark"
@@ -28,9 +34,11 @@ never code, and a template that names a field the row lacks is an error naming t
 Inside a template every column is a variable (``{{ title }}``), ``row`` holds them all
 (``{{ row["Product Name"] }}``), and shots also see ``subject`` and ``category``.
 Parameters resolve as: model defaults < pack ``params`` < category ``params`` < shot keys <
-command-line flags. Packs usually leave the size to the model and give a shot an ``aspect``
-(``"2:3"``): the shorter side keeps the model's default, so one pack serves SD 1.5 (512×768)
-and the fast ``tiny`` test model (64×96) alike.
+command-line flags; the quality gate's settings as: defaults < the pack's ``[quality]`` <
+``--checks``, ``--threshold``, ``--max-rolls``, ``--candidates`` (``schemas.gate``). Packs
+usually leave the size to the model and give a shot an ``aspect`` (``"2:3"``): the shorter
+side keeps the model's default, so one pack serves SD 1.5 (512×768) and the fast ``tiny``
+test model (64×96) alike.
 
 A template is code from the pack run on data from the catalogue, so any failure while it
 renders one row (a missing field, a division by zero, a type error, recursion, a runaway
@@ -56,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from skufleet.producer.paths import file_kind
 from skufleet.producer.sandbox import ENVIRONMENT, RowLimits, render_bounded
+from skufleet.schemas import gate
 from skufleet.schemas.errors import ConfigError, ItemError
 from skufleet.schemas.output import OutputSpec
 from skufleet.schemas.params import OUTPUT_KEYS, GenerationParams
@@ -134,6 +143,9 @@ class _Pack(_Strict):
     """Catalogue columns (as the templates name them) each manifest line carries."""
     columns: dict[str, str] = Field(default_factory=dict)
     params: _Params = Field(default_factory=_Params)
+    quality: dict[str, Any] = Field(default_factory=dict)
+    """The quality gate's settings (``schemas.gate.from_table``): checks, thresholds,
+    max_rolls, candidates."""
     categories: dict[str, _Category] = Field(min_length=1)
 
 
@@ -208,6 +220,8 @@ class TemplatePack:
         self.manifest_columns = tuple(dict.fromkeys(spec.manifest_columns))
         self.columns = dict(spec.columns)
         self.params = spec.params.set()
+        self.quality = gate.from_table(spec.quality)
+        """The quality-gate settings the pack sets (only those; flags win over them)."""
         self.categories: dict[str, Category] = {}
         self._lookup: dict[str, Category] = {}
         for name, category in spec.categories.items():

@@ -26,7 +26,7 @@ from skufleet.schemas.errors import (
     StorageUnavailable,
     exit_code,
 )
-from skufleet.schemas.tables import Item, ItemStatus
+from skufleet.schemas.tables import Item, ItemStatus, Run
 from tests.fleet import BIN, EXAMPLES, Fleet, postgres_only
 
 
@@ -57,6 +57,11 @@ def test_enqueue_refuses_bad_arguments_by_name(fleet: Fleet, tmp_path: Path) -> 
         ("--size", "big"): "--size must look like 512x512, got 'big'",
         ("--size", "100x100"): "multiple of 8",
         ("--run", "../escape"): "invalid run name '../escape'",
+        ("--checks", "dark,glare"): "--checks 'dark,glare': unknown check 'glare'; known: dark",
+        ("--threshold", "dark=9"): "--threshold dark=9: dark's threshold must be 0-1",
+        ("--threshold", "clip=25"): "--threshold clip=25: the run does not check clip",
+        ("--max-rolls", "9"): "--max-rolls 9: must be 0-8",
+        ("--candidates", "0"): "--candidates 0: must be 1-8",
     }
     for extra, message in cases.items():
         args = ["enqueue", catalogue, "--run", "ok", "--model", "tiny", *extra]
@@ -140,6 +145,56 @@ def test_column_mapping_from_the_command_line(fleet: Fleet, tmp_path: Path) -> N
     )
     assert result.returncode == 2
     assert "column mapping sku='Item_Id'" in result.stderr and "'ItemID'" in result.stderr
+
+
+GATED_PACK = """name = "gated"
+[quality]
+checks = ["dark", "blank", "safety"]
+thresholds = { dark = 0.1, blank = 0.05 }
+max_rolls = 4
+[categories.default.shots.main]
+prompt = "{{ title }}"
+"""
+
+
+def test_enqueue_stores_the_quality_gate_of_the_pack_and_the_flags(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The run's Run.params["quality"] is the pack's [quality] with the flags over it, key
+    by key and threshold by threshold; enqueued again with --checks none the gate is off;
+    a bad quality flag is one line naming it, exit 2, and leaves the run as it was."""
+    assert fleet.cli("db", "upgrade").returncode == 0
+    catalogue = tmp_path / "c.csv"
+    catalogue.write_text("sku,title\nA,Mug\n")
+    pack = tmp_path / "gated.toml"
+    pack.write_text(GATED_PACK)
+    base = ("enqueue", str(catalogue), "--run", "gated", "--model", "tiny", "--template", str(pack))
+
+    summary = fleet.cli_json(*base, "--threshold", "dark=0.2", "--candidates", "2", "--json")
+
+    expected = {
+        "checks": ["dark", "blank", "safety"],
+        "thresholds": {"dark": 0.2, "blank": 0.05, "safety": 0.5},
+        "max_rolls": 4,
+        "candidates": 2,
+    }
+    assert summary["quality"] == expected
+    engine = fleet.engine()
+    read = sa.select(Run.params).where(Run.name == "gated")
+    with engine.connect() as conn:
+        params = conn.execute(read).scalar_one()
+    assert params["quality"] == expected and params["batch_size"] == 8
+    shown = fleet.cli(*base)
+    assert "dark, blank, safety; up to 4 re-rolls, 1 candidate" in shown.stdout, shown.stderr
+
+    bad = fleet.cli(*base, "--checks", "dark,glare")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "--checks 'dark,glare': unknown check 'glare'; known: dark, blank, flat" in bad.stderr
+    off = fleet.cli_json(*base, "--checks", "none", "--json")
+    assert off["quality"] == {"checks": [], "thresholds": {}, "max_rolls": 0, "candidates": 1}
+    with engine.connect() as conn:
+        assert conn.execute(read).scalar_one()["quality"]["checks"] == []
+    engine.dispose()
 
 
 def test_template_errors_and_unknown_categories_reject_their_rows(

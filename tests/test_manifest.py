@@ -267,6 +267,89 @@ def test_the_manifest_keeps_its_schemas_and_each_change_sends_one_event(
     assert downstream.prune_retired(engine, bucket, run_id) == 0
 
 
+SCORES = {
+    "dark": {"score": 0.91, "threshold": 0.06, "passed": True},
+    "duplicate": {"score": 31.0, "threshold": 6.0, "passed": True},
+}
+
+
+def gated(engine: sa.Engine, sku: str, **values: Any) -> None:
+    """Set the quality gate's columns of SKU ``sku``'s item, as a worker's finish (or a
+    reviewer) would leave them."""
+    if isinstance(values.get("quality"), dict):
+        values["quality"] = json.dumps(values["quality"], sort_keys=True)
+    with engine.begin() as conn:
+        conn.execute(sa.update(Item).where(Item.sku == sku).values(**values))
+
+
+def test_items_for_review_are_in_no_line_and_lines_carry_the_stored_images_seed_and_scores(
+    engine: sa.Engine, redis_url: str, s3: LocalS3, receiver: Receiver
+) -> None:
+    """A run with a checked image (A), one re-rolled twice (B: its line's seed is the
+    seed of roll 2, not the item's), one waiting for review (C), one stored without the
+    gate (D): C is in no line, every line and the summary are valid against their schemas,
+    the run is complete (needs_review is not open) and the summary and the event count C;
+    the event counts the re-rolls. Approved, C joins the manifest: run.updated."""
+    name = f"test-{secrets.token_hex(6)}"
+    s3.client().create_bucket(Bucket=name)
+    settings = settings_for(redis_url, receiver.url()).model_copy(
+        update={"s3_endpoint_url": s3.endpoint_url, "s3_bucket": name}
+    )
+    session = boto3.Session(aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key)
+    bucket = Bucket(settings, session)
+    run_id = stored_run(engine, s3, bucket, "ABCD")
+    failed = {**SCORES, "dark": {"score": 0.01, "threshold": 0.06, "passed": False}}
+    common = {"image_seed": 1, "roll": 0, "renders": 1, "rerolls": 0}
+    gated(engine, "A", **common, verdict="passed", quality=SCORES)
+    gated(engine, "B", image_seed=3141592653, roll=2, renders=3, rerolls=2, verdict="passed")
+    gated(engine, "B", quality=SCORES)
+    gated(engine, "C", status=ItemStatus.NEEDS_REVIEW, roll=2, renders=3, rerolls=2)
+    gated(engine, "C", image_seed=27182818, verdict="failed", quality=failed)
+    line_schema, summary_schema = json_schema("line"), json_schema("summary")
+
+    assert downstream.complete(settings, engine, bucket, run_id)
+
+    summary, lines, _ = published(s3, bucket)
+    jsonschema.validate(summary, summary_schema)
+    assert summary["counts"]["needs_review"] == 1 and summary["counts"]["succeeded"] == 3
+    assert (summary["complete"], summary["items"]) == (True, 3)
+    for line in lines:
+        jsonschema.validate(line, line_schema)
+        assert set(line) == set(line_schema["properties"])
+    by_sku = {line["sku"]: line for line in lines}
+    assert sorted(by_sku) == ["A", "B", "D"]
+    assert [by_sku[sku]["seed"] for sku in "ABD"] == [1, 3141592653, 1]
+    assert [by_sku[sku]["roll"] for sku in "ABD"] == [0, 2, None]
+    assert [by_sku[sku]["verdict"] for sku in "ABD"] == ["passed", "passed", None]
+    assert by_sku["A"]["quality"] == SCORES and by_sku["D"]["quality"] == {}
+    (event,) = receiver.bodies()
+    assert event["counts"] == summary["counts"]
+    assert (event["needs_review"], event["rerolls"], event["renders"]) == (1, 4, 7)
+    assert event["usable_ratio"] == 0.75
+
+    # a reviewer approves C (and so reopens the run): in the manifest now, with its own
+    # seed and its failed scores
+    gated(engine, "C", status=SUCCEEDED, verdict="approved")
+    with engine.begin() as conn:
+        conn.execute(sa.update(Run).values(completed_at=None))
+    assert downstream.complete(settings, engine, bucket, run_id)
+    summary, lines, _ = published(s3, bucket)
+    approved = next(line for line in lines if line["sku"] == "C")
+    jsonschema.validate(approved, line_schema)
+    assert (approved["seed"], approved["verdict"], approved["quality"]) == (
+        27182818,
+        "approved",
+        failed,
+    )
+    assert summary["counts"]["needs_review"] == 0 and summary["items"] == 4
+    updated = receiver.bodies()[1]
+    assert (updated["event"], updated["needs_review"], updated["usable_ratio"]) == (
+        "run.updated",
+        0,
+        1.0,
+    )
+
+
 def test_the_manifest_schemas_refuse_what_the_contract_excludes() -> None:
     """The schemas are strict where downstream systems rely on them: a known format, a
     64-hex sha256, every status counted."""
@@ -279,7 +362,17 @@ def test_the_manifest_schemas_refuse_what_the_contract_excludes() -> None:
         "steps": 2, "guidance_scale": 7.5, "scheduler": "default",
     }  # fmt: skip
     jsonschema.validate(good, line_schema)
-    for change in ({"format": "gif"}, {"sha256": "xyz"}, {"schema_version": 2}, {"width": 0}):
+    checked = {"roll": 1, "verdict": "approved", "quality": SCORES}
+    jsonschema.validate({**good, **checked}, line_schema)  # optional: lines before 0007 lack them
+    for change in (
+        {"format": "gif"},
+        {"sha256": "xyz"},
+        {"schema_version": 2},
+        {"width": 0},
+        {"verdict": "failed"},  # a failed image is not in the manifest
+        {"roll": -1},
+        {"quality": {"dark": {"score": 0.5}}},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({**good, **change}, line_schema)
     summary = {
@@ -287,6 +380,9 @@ def test_the_manifest_schemas_refuse_what_the_contract_excludes() -> None:
         "bytes": 0, "sha256": "0" * 64, "generated_at": "2026-12-03T00:00:00Z",
         "counts": {status.value: 0 for status in ItemStatus},
     }  # fmt: skip
+    jsonschema.validate(summary, json_schema("summary"))
+    assert "needs_review" in json_schema("summary")["properties"]["counts"]["properties"]
+    del summary["counts"]["needs_review"]  # summaries written before revision 0007
     jsonschema.validate(summary, json_schema("summary"))
     del summary["counts"]["retired"]
     with pytest.raises(jsonschema.ValidationError):

@@ -247,8 +247,9 @@ def test_the_review_listing_shows_each_stored_image_with_its_candidates(
 def test_a_configured_clip_model_scores_every_image_against_its_prompt(
     engine: sa.Engine, settings: Settings, model_cache: Any
 ) -> None:
-    """With ``SKUFLEET_QUALITY_CLIP`` set, ``clip`` joins the default checks: each image's
-    score is recorded, and one below the run's threshold is drawn again."""
+    """With ``SKUFLEET_QUALITY_CLIP`` set, ``clip`` joins the checks of a run that did not
+    choose its own: each image's score is recorded, and one below the run's threshold is
+    drawn again; a run that chose its checks is held to those alone."""
     clip_settings = settings.model_copy(
         update={"quality_clip": "tiny-clip", "cache_dir": model_cache}
     )
@@ -263,7 +264,12 @@ def test_a_configured_clip_model_scores_every_image_against_its_prompt(
 
     strict = queued_run(engine, ["B"], {"thresholds": {"clip": 100.0}, "max_rolls": 1})
     render_queued(worker, engine, strict)
-    worker.close()
     b = items(engine)["B"]
     assert (b.status, b.renders) == (ItemStatus.NEEDS_REVIEW, 2)
     assert json.loads(b.quality)["clip"]["passed"] is False
+
+    chosen = queued_run(engine, ["C"], {"checks": ["dark"], "default_checks": False})
+    render_queued(worker, engine, chosen)
+    worker.close()
+    c = items(engine)["C"]
+    assert (c.status, set(json.loads(c.quality))) == (ItemStatus.SUCCEEDED, {"dark"})

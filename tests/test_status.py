@@ -16,6 +16,7 @@ from skufleet.producer.status import (
     eta_seconds,
     format_eta,
     items_per_second,
+    run_state,
     runs_table,
     status_view,
 )
@@ -173,6 +174,68 @@ def test_status_counts_succeeded_apart_from_failed_and_shows_retries() -> None:
     }
 
 
+def test_usable_share_counts_finished_items_only_and_renders_count_per_stored_image() -> None:
+    """Usable = succeeded / (succeeded + needs_review + failed): cancelled, retired and open
+    items count for nothing; renders per stored image divides by succeeded + needs_review;
+    neither is given before there is anything to divide by."""
+    gated = ledger.RunStatus(
+        "r",
+        counts(succeeded=18, needs_review=1, failed=1, cancelled=5, retired=7, queued=3),
+        attempts=25,
+        renders=38,
+        rerolls=12,
+    )
+    assert gated.done == 25 and gated.total == 28 and gated.stored == 19
+    assert gated.usable_ratio == pytest.approx(0.9) and gated.renders_per_item == 2.0
+    assert {k: gated.as_dict()[k] for k in ("needs_review", "renders", "rerolls")} == {
+        "needs_review": 1,
+        "renders": 38,
+        "rerolls": 12,
+    }
+    assert (gated.as_dict()["usable_ratio"], gated.as_dict()["renders_per_item"]) == (0.9, 2.0)
+    fresh = status(queued=4, cancelled=2)
+    assert (fresh.usable_ratio, fresh.renders_per_item) == (None, None)
+    assert fresh.as_dict()["usable_ratio"] is None and fresh.as_dict()["renders"] == 0
+
+
+def test_status_shows_the_usable_share_re_rolls_and_what_waits_for_review() -> None:
+    """A run with items waiting for review: the figures line counts them, a quality line
+    gives the usable share, re-rolls and renders per stored image, and a line says how many
+    wait with the command that shows them; `--json` has the same figures."""
+    snap = Snapshot(
+        ledger.RunStatus(
+            "spring",
+            counts(succeeded=45, needs_review=4, failed=1),
+            attempts=50,
+            renders=60,
+            rerolls=10,
+        ),
+        finished_recently=0,
+        measured_seconds=0.0,
+        failures=[],
+        retrying=0,
+        retry_reasons=[],
+    )
+    text = render(status_view("spring", snap))
+    assert "45/50 succeeded · 1 failed · 4 to review · 0 open" in text
+    assert "quality: 90.0% usable · 10 re-rolls · 60 renders, 1.22 per stored image" in text
+    assert "waiting for review: 4 · skufleet review spring" in text
+    assert "needs_review" in text and "cancelled" not in text  # the counts table's columns
+    assert all(len(line) <= 80 for line in text.splitlines())
+    figures = snap.as_dict()
+    assert figures["waiting_for_review"] == {"count": 4, "hint": "skufleet review spring"}
+    assert (figures["usable_ratio"], figures["rerolls"], figures["renders_per_item"]) == (
+        0.9,
+        10,
+        1.224,
+    )
+    assert figures["counts"]["needs_review"] == 4 and figures["done"] == 50
+    quiet = Snapshot(status(queued=3), 0, 0.0, [], 0, [])
+    shown = render(status_view("r", quiet))
+    assert "quality:" not in shown and "waiting for review" not in shown
+    assert quiet.as_dict()["waiting_for_review"] == {"count": 0, "hint": None}
+
+
 def summary(name: str, model: str, **given: int) -> ledger.RunSummary:
     status = ledger.RunStatus(name, counts(**given), attempts=0)
     created = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
@@ -197,6 +260,34 @@ def test_runs_fit_80_columns_by_leaving_out_columns_never_cutting_names() -> Non
     wide = render(runs_table(found, 200), 200)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in wide and "ecommerce" in wide
     assert "2026-11-27 09:30" in wide and "…" not in wide
+
+
+def test_runs_show_items_waiting_for_review_where_the_terminal_has_room() -> None:
+    """A run done but for items waiting for review is in state `review`, one with failures
+    too `failed`; the `review` column comes right after `open` when it fits 80 columns (a
+    million items beside a long name leave it out: `runs --json` has it)."""
+    found = [
+        summary("spring-catalogue-2026-shoes-and-bags", "tiny", succeeded=180, needs_review=3),
+        summary("generate-20261127-093000-ab12", "tiny", succeeded=2, needs_review=1, failed=1),
+        summary("summer", "tiny", succeeded=4),
+    ]
+    assert [run_state(run) for run in found] == ["review", "failed", "done"]
+    narrow = render(runs_table(found, 80), 80)
+    assert all(len(line.rstrip()) <= 80 for line in narrow.splitlines())
+    assert "spring-catalogue-2026-shoes-and-bags" in narrow and "review" in narrow
+    header = narrow.splitlines()[0].split()
+    assert header[: header.index("review") + 1] == [
+        "run",
+        "state",
+        "succeeded",
+        "failed",
+        "open",
+        "review",
+    ]
+    found[0] = summary(found[0].name, "tiny", succeeded=10**6, needs_review=3)
+    crowded = render(runs_table(found, 80), 80)
+    assert all(len(line.rstrip()) <= 80 for line in crowded.splitlines())
+    assert crowded.splitlines()[0].split() == ["run", "state", "succeeded", "failed", "open"]
 
 
 # --- the ledger's figures ------------------------------------------------------------------
@@ -228,6 +319,42 @@ def test_the_pace_is_measured_from_the_runs_first_claim_within_the_window(
     set_times(engine, ids, started_at=now - timedelta(minutes=5))
     with ledger.connect(engine) as conn:
         assert ledger.recent_finishes(conn, "r1", now, timedelta(seconds=60)) == (2, 60.0)
+
+
+def test_the_ledger_sums_renders_and_re_rolls_and_the_pace_counts_items_for_review(
+    engine: sa.Engine,
+) -> None:
+    """run_status and list_runs add up every item's renders and re-rolls (a retired one's
+    too); an item finished as needs_review counts in the pace like a succeeded one."""
+    ids = add_run(engine, 4)
+    now = ledger.utcnow()
+    columns = [
+        (ItemStatus.SUCCEEDED, 1, 0),
+        (ItemStatus.SUCCEEDED, 3, 2),
+        (ItemStatus.NEEDS_REVIEW, 3, 2),
+        (ItemStatus.RETIRED, 2, 1),
+    ]
+    with engine.begin() as conn:
+        for item_id, (state, renders, rerolls) in zip(ids, columns, strict=True):
+            conn.execute(
+                sa.update(Item)
+                .where(Item.id == item_id)
+                .values(
+                    status=state,
+                    renders=renders,
+                    rerolls=rerolls,
+                    started_at=now - timedelta(seconds=10),
+                    finished_at=now - timedelta(seconds=1),
+                )
+            )
+    with ledger.connect(engine) as conn:
+        found = ledger.run_status(conn, "r1")
+        (listed,) = ledger.list_runs(conn)
+        finished, _ = ledger.recent_finishes(conn, "r1", now, timedelta(seconds=60))
+    assert (found.renders, found.rerolls, found.needs_review) == (9, 5, 1)
+    assert listed.status == found
+    assert found.usable_ratio == pytest.approx(2 / 3) and found.renders_per_item == 3.0
+    assert finished == 3  # two succeeded and the one for review; the retired one is not
 
 
 def test_retrying_items_are_open_ones_with_an_earlier_error(engine: sa.Engine) -> None:
@@ -267,3 +394,41 @@ def test_runs_for_dashboards_are_the_open_ones_and_those_active_lately(engine: s
         every = ledger.list_runs(conn)
     assert sorted(run.name for run in recent) == ["new-done", "old-open"]
     assert len(every) == 3
+
+
+class _Broker:
+    """A stand-in for the Publisher the exporter asks for queue lengths."""
+
+    def queue_length(self, queue: str) -> int:
+        return 0
+
+
+def test_the_exporter_serves_each_runs_review_items_re_rolls_and_usable_share(
+    engine: sa.Engine,
+) -> None:
+    """`skufleet metrics` has a gauge per run for its items waiting for review, its
+    re-rolls, its renders and its usable share (no sample before an item is finished)."""
+    from skufleet.producer.metrics import FleetCollector
+    from skufleet.schemas.settings import Settings
+
+    ids = add_run(engine, 4)
+    add_run(engine, 1, "fresh")
+    with engine.begin() as conn:
+        states = ["succeeded", "succeeded", "needs_review", "failed"]
+        for item_id, state in zip(ids, states, strict=True):
+            conn.execute(
+                sa.update(Item).where(Item.id == item_id).values(status=state, renders=2, rerolls=1)
+            )
+    collector = FleetCollector(Settings(), engine, _Broker())  # type: ignore[arg-type]
+    samples = {
+        (sample.name, sample.labels.get("run")): sample.value
+        for family in collector.collect()
+        for sample in family.samples
+    }
+    assert samples[("skufleet_run_needs_review_items", "r1")] == 1
+    assert samples[("skufleet_run_rerolls", "r1")] == 4
+    assert samples[("skufleet_run_renders", "r1")] == 8
+    assert samples[("skufleet_run_usable_ratio", "r1")] == 0.5
+    assert samples[("skufleet_items", "r1")] is not None
+    assert ("skufleet_run_usable_ratio", "fresh") not in samples
+    assert samples[("skufleet_run_needs_review_items", "fresh")] == 0

@@ -23,6 +23,7 @@ from skufleet.producer.sandbox import (
 )
 from skufleet.producer.template import MAX_PACK_BYTES, TemplatePack
 from skufleet.producer.tokens import count_tokens
+from skufleet.schemas import gate
 from skufleet.schemas.errors import ConfigError, ItemError
 from skufleet.schemas.params import aspect_size, layer
 from tests.fleet import EXAMPLES
@@ -465,3 +466,50 @@ def test_category_and_shot_names_must_match_in_full(tmp_path: Path, table: str) 
     """A trailing newline does not sneak a name past its pattern."""
     with pytest.raises(ConfigError, match="names are"):
         pack(tmp_path, f'name = "t"\n{table}\nprompt = "x"\n')
+
+
+def test_a_packs_quality_table_sets_the_gate_and_flags_win_over_it(tmp_path: Path) -> None:
+    """`[quality]` gives checks, thresholds, max_rolls and candidates; a pack without one
+    sets nothing (the defaults apply); the flags win key by key, thresholds check by check.
+    The shipped packs say what they check."""
+    template = pack(
+        tmp_path,
+        'name = "t"\n[quality]\nchecks = ["safety", "dark"]\nthresholds = { dark = 0.1 }\n'
+        'max_rolls = 3\n[categories.default.shots.front]\nprompt = "x"\n',
+    )
+    assert template.quality == {
+        "checks": ["dark", "safety"],
+        "thresholds": {"dark": 0.1},
+        "max_rolls": 3,
+    }
+    assert gate.resolve(template.quality, gate.from_flags(candidates=2)) == {
+        "checks": ["dark", "safety"],
+        "default_checks": False,
+        "thresholds": {"dark": 0.1, "safety": 0.5},
+        "max_rolls": 3,
+        "candidates": 2,
+    }
+    assert shot_pack(tmp_path, "x").quality == {}
+    shipped = {name: TemplatePack.load(name).quality for name, _ in SHIPPED}
+    # the shipped packs keep the default checks (so clip joins them where configured)
+    assert all(gate.resolve(q)["default_checks"] for q in shipped.values())
+    assert shipped["education"]["thresholds"] == {"flat": 6.0}
+    assert shipped["medical"]["max_rolls"] == 3
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('checks = ["dark", "glare"]', "quality.checks: unknown check 'glare'; known: dark, "),
+        ("max_rolls = 12", "quality.max_rolls = 12: must be 0-8"),
+        ("thresholds = { dark = 3 }", "quality.thresholds.dark = 3: dark's threshold must be 0-1"),
+        ("retries = 1", "quality: unknown key 'retries'"),
+    ],
+)
+def test_a_bad_quality_table_is_refused_naming_the_pack_and_key(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    text = f'name = "t"\n[quality]\n{table}\n[categories.default.shots.front]\nprompt = "x"\n'
+    with pytest.raises(ConfigError) as caught:
+        pack(tmp_path, text)
+    assert str(caught.value).startswith(f"template pack {tmp_path / 'pack.toml'}: {message}")

@@ -174,6 +174,9 @@ def test_a_completed_run_posts_one_event_signed_over_its_exact_body(
         "spring/manifest.jsonl",
         1,
     )
+    # the quality gate's figures: nothing waits for review, nothing was re-rolled
+    assert (event["needs_review"], event["rerolls"], event["usable_ratio"]) == (0, 0, 1.0)
+    assert event["counts"]["needs_review"] == 0
     (row,) = events(engine)
     assert (row.event_id, row.run_id, row.attempts) == (event["id"], run_id, 1)
     assert row.delivered_at is not None and row.last_error is None

@@ -32,13 +32,12 @@ from sqlalchemy.engine import Engine
 
 from skufleet.schemas import ledger
 from skufleet.schemas.errors import ConfigError, ItemError, LedgerUnavailable
+from skufleet.schemas.gate import MAX_CANDIDATES, MAX_ROLLS
 from skufleet.worker import quality
 from skufleet.worker.pipeline import Batch, Job
 
 log = logging.getLogger(__name__)
 
-MAX_ROLLS = 8
-MAX_CANDIDATES = 8
 HASH_REFRESH_SECONDS = 30.0
 """How often a run's stored images' hashes are topped up from the ledger: images other
 workers stored meanwhile join the duplicate check then."""
@@ -256,8 +255,8 @@ class _RunHashes:
 class RunGates:
     """A worker's gates, one per run it draws: each run's recorded settings and its stored
     images' hashes, loaded from the ledger once and topped up every
-    ``HASH_REFRESH_SECONDS``; ``clip``, where a CLIP model is configured, joins the default
-    checks."""
+    ``HASH_REFRESH_SECONDS``; ``clip``, where a CLIP model is configured, joins the checks
+    of a run that did not choose its own (``default_checks``)."""
 
     def __init__(self, engine: Engine, clip: Any = None) -> None:
         self.engine = engine
@@ -272,7 +271,7 @@ class RunGates:
             gate = gate_from(result.quality)
         except ConfigError as exc:
             raise ItemError(f"run {result.run_name}'s quality settings: {exc}") from exc
-        if self.clip is not None and "checks" not in result.quality:
+        if self.clip is not None and result.quality.get("default_checks", True):
             gate = dataclasses.replace(gate, checks=(*gate.checks, "clip"))
         known = self._hashes.get(run_id)
         if known is None or time.monotonic() - known.loaded > HASH_REFRESH_SECONDS:

@@ -35,19 +35,8 @@ from typing import Any
 
 import numpy as np
 
-CHECKS = ("dark", "blank", "flat", "duplicate", "safety", "clip")
-"""Every check, in the order they run and are reported."""
-DEFAULT_CHECKS = ("dark", "blank", "flat", "duplicate", "safety")
-"""What a run checks unless its pack or its enqueue says otherwise (``clip`` needs a model)."""
-THRESHOLDS: dict[str, float] = {
-    "dark": 0.06,
-    "blank": 0.02,
-    "flat": 12.0,
-    "duplicate": 6.0,
-    "safety": 0.5,
-    "clip": 20.0,
-}
-"""Default thresholds: ``duplicate`` fails at or below its threshold, every other check below."""
+from skufleet.schemas.gate import CHECKS, DEFAULT_CHECKS, THRESHOLDS
+
 LOWER_FAILS = {"duplicate"}
 """Checks whose score fails at or below the threshold rather than strictly below it."""
 

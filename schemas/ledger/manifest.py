@@ -1,11 +1,12 @@
 """What downstream systems read: the run's manifest records, and the JSON Schemas they keep.
 
 A manifest is two objects in the bucket (written by ``producer.downstream``):
-``<run>/manifest.jsonl``, one :func:`manifest` record per succeeded item, and
-``<run>/manifest.json``, its summary (whether the run is complete, its items counted by
-status). Both carry :data:`SCHEMA_VERSION`, and each is described by a JSON Schema shipped
-with skufleet, named with that version (:func:`json_schema`). A version changes only when
-a field is removed or changes meaning; new fields may appear within a version.
+``<run>/manifest.jsonl``, one :func:`manifest` record per succeeded item (an item waiting
+for review is in none until approved), and ``<run>/manifest.json``, its summary (whether
+the run is complete, its items counted by status, needs_review included). Both carry
+:data:`SCHEMA_VERSION`, and each is described by a JSON Schema shipped with skufleet, named
+with that version (:func:`json_schema`). A version changes only when a field is removed or
+changes meaning; new fields may appear within a version.
 
 Calling convention: every function takes a Connection from the caller, opened with
 ``ledger.connect(engine)`` (so database failures are raised as LedgerUnavailable), and
@@ -55,7 +56,14 @@ def manifest(conn: Connection, run_name: str) -> Iterator[dict[str, Any]]:
     (``manifest-line.v1.schema.json``): schema_version, run, sku, shot, key; the stored
     image's format, width, height, bytes and sha256; the catalogue's title, category and the
     pack's ``manifest_columns`` (fields); seed, prompt, negative_prompt, model and how it was
-    drawn (drawn_width, drawn_height, steps, guidance_scale, scheduler)."""
+    drawn (drawn_width, drawn_height, steps, guidance_scale, scheduler); what the quality
+    gate made of it (roll, quality, verdict).
+
+    ``seed`` is the stored image's (``image_seed``: the item's own for roll 0, else its
+    roll's seed variant), the item's seed for images stored before ledger revision 0007;
+    ``quality`` is ``{check: {score, threshold, passed}}``, ``{}`` when nothing was checked.
+    Items waiting for review (``needs_review``) are in no line until a reviewer approves
+    them."""
     run = conn.execute(sa.select(Run.id, Run.model).where(Run.name == run_name)).first()
     if run is None:
         raise ConfigError(f"no run named {run_name!r} in the ledger")
@@ -71,6 +79,10 @@ def manifest(conn: Connection, run_name: str) -> Iterator[dict[str, Any]]:
             Item.sha256,
             Item.fields,
             Item.seed,
+            Item.image_seed,
+            Item.roll,
+            Item.quality,
+            Item.verdict,
             Item.prompt,
             Item.negative_prompt,
             Item.width,
@@ -98,7 +110,10 @@ def manifest(conn: Connection, run_name: str) -> Iterator[dict[str, Any]]:
             "title": catalogue.get("title"),
             "category": catalogue.get("category"),
             "fields": catalogue.get("fields", {}),
-            "seed": row.seed,
+            "seed": row.seed if row.image_seed is None else row.image_seed,
+            "roll": row.roll,
+            "quality": json.loads(row.quality or "{}"),
+            "verdict": row.verdict,
             "prompt": row.prompt,
             "negative_prompt": row.negative_prompt,
             "model": run.model,

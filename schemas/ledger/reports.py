@@ -23,11 +23,18 @@ from skufleet.schemas.tables import Item, ItemStatus, Run
 
 @dataclass(frozen=True)
 class RunStatus:
-    """A run's items counted by status, and the renders they started in all."""
+    """A run's items counted by status, the renders they started in all, and what the
+    quality gate drew for them.
+
+    ``renders`` and ``rerolls`` sum ``items.renders`` and ``items.rerolls`` over every item
+    of the run (retired ones included: they were drawn): candidate images drawn, and those
+    drawn again because every candidate before failed a check."""
 
     run_name: str
     counts: dict[str, int]
     attempts: int
+    renders: int = 0
+    rerolls: int = 0
 
     @property
     def total(self) -> int:
@@ -36,15 +43,52 @@ class RunStatus:
 
     @property
     def done(self) -> int:
-        """Items of the current catalogue at rest (succeeded, failed or cancelled)."""
+        """Items of the current catalogue at rest (succeeded, needs_review, failed or
+        cancelled)."""
         return sum(
             self.counts.get(status.value, 0)
             for status in TERMINAL
             if status is not ItemStatus.RETIRED
         )
 
+    @property
+    def needs_review(self) -> int:
+        """Items whose stored image failed a quality check: waiting for a reviewer."""
+        return self.counts.get(ItemStatus.NEEDS_REVIEW.value, 0)
+
+    @property
+    def stored(self) -> int:
+        """Items of the current catalogue with a stored image: succeeded or needs_review."""
+        return self.counts.get(ItemStatus.SUCCEEDED.value, 0) + self.needs_review
+
+    @property
+    def usable_ratio(self) -> float | None:
+        """Of the items the fleet finished with (succeeded, needs_review, failed: cancelled
+        and retired ones apart), the share that succeeded, 0-1: usable as they are, without
+        a reviewer. None while none is finished."""
+        succeeded = self.counts.get(ItemStatus.SUCCEEDED.value, 0)
+        finished = self.stored + self.counts.get(ItemStatus.FAILED.value, 0)
+        return succeeded / finished if finished else None
+
+    @property
+    def renders_per_item(self) -> float | None:
+        """Candidate images drawn per stored image (``renders / stored``): 1.0 with one
+        candidate and nothing re-rolled. None while nothing is stored, or nothing was
+        counted (items stored before ledger revision 0007)."""
+        return self.renders / self.stored if self.stored and self.renders else None
+
     def as_dict(self) -> dict[str, Any]:
-        return {"run": self.run_name, "counts": self.counts, "attempts": self.attempts}
+        usable, per_item = self.usable_ratio, self.renders_per_item
+        return {
+            "run": self.run_name,
+            "counts": self.counts,
+            "attempts": self.attempts,
+            "needs_review": self.needs_review,
+            "renders": self.renders,
+            "rerolls": self.rerolls,
+            "usable_ratio": None if usable is None else round(usable, 4),
+            "renders_per_item": None if per_item is None else round(per_item, 3),
+        }
 
 
 @dataclass(frozen=True)
@@ -59,32 +103,48 @@ class RunSummary:
     status: RunStatus
 
 
-def _counts(conn: Connection, run_ids: list[int]) -> dict[int, tuple[dict[str, int], int]]:
-    """Per run id: its items counted by status (every status, zeros too), and its attempts."""
-    found: dict[int, tuple[dict[str, int], int]] = {
-        run_id: ({status.value: 0 for status in ItemStatus}, 0) for run_id in run_ids
-    }
+@dataclass
+class _Tally:
+    counts: dict[str, int]
+    attempts: int = 0
+    renders: int = 0
+    rerolls: int = 0
+
+
+def _counts(conn: Connection, run_ids: list[int]) -> dict[int, _Tally]:
+    """Per run id: its items counted by status (every status, zeros too), and the sums of
+    their attempts, renders and re-rolls."""
+    found = {run_id: _Tally({status.value: 0 for status in ItemStatus}) for run_id in run_ids}
+    coalesce = sa.func.coalesce
     rows = conn.execute(
         sa.select(
             Item.run_id,
             Item.status,
             sa.func.count(),
-            sa.func.coalesce(sa.func.sum(Item.attempts), 0),
+            coalesce(sa.func.sum(Item.attempts), 0),
+            coalesce(sa.func.sum(Item.renders), 0),
+            coalesce(sa.func.sum(Item.rerolls), 0),
         )
         .where(Item.run_id.in_(run_ids))
         .group_by(Item.run_id, Item.status)
     ).all()
-    for run_id, status, count, started in rows:
-        counts, attempts = found[run_id]
-        counts[ItemStatus(status).value] = int(count)
-        found[run_id] = (counts, attempts + int(started))
+    for run_id, status, count, attempts, renders, rerolls in rows:
+        tally = found[run_id]
+        tally.counts[ItemStatus(status).value] = int(count)
+        tally.attempts += int(attempts)
+        tally.renders += int(renders)
+        tally.rerolls += int(rerolls)
     return found
 
 
+def _status(run_name: str, tally: _Tally) -> RunStatus:
+    return RunStatus(run_name, tally.counts, tally.attempts, tally.renders, tally.rerolls)
+
+
 def run_status(conn: Connection, run_name: str) -> RunStatus:
-    """Items of run ``run_name`` counted by status, and the renders they started in all."""
-    counts, attempts = _counts(conn, [find_run_id(conn, run_name)]).popitem()[1]
-    return RunStatus(run_name=run_name, counts=counts, attempts=attempts)
+    """Items of run ``run_name`` counted by status, with their attempts, renders and
+    re-rolls (:class:`RunStatus`)."""
+    return _status(run_name, _counts(conn, [find_run_id(conn, run_name)]).popitem()[1])
 
 
 def list_runs(conn: Connection, *, active_since: datetime | None = None) -> list[RunSummary]:
@@ -116,7 +176,7 @@ def list_runs(conn: Connection, *, active_since: datetime | None = None) -> list
             run.template,
             run.created_at,
             run.cancelled_at is not None,
-            RunStatus(run.name, *counts[run.id]),
+            _status(run.name, counts[run.id]),
         )
         for run in runs
     ]
@@ -125,8 +185,8 @@ def list_runs(conn: Connection, *, active_since: datetime | None = None) -> list
 def recent_finishes(
     conn: Connection, run_name: str, now: datetime, window: timedelta
 ) -> tuple[int, float]:
-    """The run's pace: items that reached succeeded or failed within ``window`` before
-    ``now``, and the seconds of work that window covers.
+    """The run's pace: items that reached succeeded, needs_review or failed within
+    ``window`` before ``now``, and the seconds of work that window covers.
 
     The window starts at the earliest claim among those items and the items still running,
     if that is later than ``now - window``: a run 10 s into its first batch is measured over
@@ -137,7 +197,7 @@ def recent_finishes(
     finished, first_claim = conn.execute(
         sa.select(sa.func.count(), sa.func.min(Item.started_at)).where(
             Item.run_id == run_id,
-            Item.status.in_([ItemStatus.SUCCEEDED, ItemStatus.FAILED]),
+            Item.status.in_([ItemStatus.SUCCEEDED, ItemStatus.NEEDS_REVIEW, ItemStatus.FAILED]),
             Item.finished_at >= since,
         )
     ).one()
@@ -224,7 +284,8 @@ def retrying(conn: Connection, run_name: str, limit: int = 10) -> tuple[int, lis
 
 def missing_items(conn: Connection, run_name: str) -> list[dict[str, Any]]:
     """The run's items that did not succeed (for ``skufleet generate``, whose runs are a few
-    dozen items at most): sku, shot, status and last error, in item order."""
+    dozen items at most): sku, shot, status and last error, in item order (a needs_review
+    item's error names the checks it failed)."""
     rows = conn.execute(
         sa.select(Item.sku, Item.shot, Item.status, Item.last_error)
         .where(Item.run_id == find_run_id(conn, run_name), Item.status != ItemStatus.SUCCEEDED)
