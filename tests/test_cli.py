@@ -174,6 +174,7 @@ def test_enqueue_stores_the_quality_gate_of_the_pack_and_the_flags(
 
     expected = {
         "checks": ["dark", "blank", "safety"],
+        "default_checks": False,
         "thresholds": {"dark": 0.2, "blank": 0.05, "safety": 0.5},
         "max_rolls": 4,
         "candidates": 2,
@@ -191,7 +192,13 @@ def test_enqueue_stores_the_quality_gate_of_the_pack_and_the_flags(
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "--checks 'dark,glare': unknown check 'glare'; known: dark, blank, flat" in bad.stderr
     off = fleet.cli_json(*base, "--checks", "none", "--json")
-    assert off["quality"] == {"checks": [], "thresholds": {}, "max_rolls": 0, "candidates": 1}
+    assert off["quality"] == {
+        "checks": [],
+        "default_checks": False,
+        "thresholds": {},
+        "max_rolls": 0,
+        "candidates": 1,
+    }
     with engine.connect() as conn:
         assert conn.execute(read).scalar_one()["quality"]["checks"] == []
     engine.dispose()
