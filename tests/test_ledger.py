@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from skufleet.schemas import ledger
 from skufleet.schemas.errors import ConfigError, SchemaMissingError
@@ -276,3 +277,61 @@ def test_missing_tables_are_reported_plainly(database_url: str) -> None:
     engine = ledger.create_engine(database_url)
     with pytest.raises(SchemaMissingError, match="run `skufleet db upgrade`"):
         ledger.require_schema(engine)
+
+
+def test_a_batch_is_finished_in_one_statement_fenced_item_by_item(engine: sa.Engine) -> None:
+    """``finish_many``: each item still ours ends succeeded or needs review with its own
+    values and candidates; one taken over meanwhile is left alone, its candidates unrecorded;
+    ``renew_many`` renews only what is still ours."""
+    from skufleet.schemas.tables import Candidate
+
+    ids = add_run(engine, 3)
+    held = claim(engine, ids, "w1")
+    # the third item was taken over: its lease expired and another worker claimed it
+    assert ledger.fail(engine, held[2], "lost", retry=True, max_attempts=3) is ItemStatus.QUEUED
+    claim(engine, [held[2].id], "w2")
+    assert ledger.renew_many(engine, held, 60) == {held[0].id, held[1].id}
+    passing = {"dark": {"score": 0.5, "threshold": 0.06, "passed": True}}
+    failing = {"dark": {"score": 0.0, "threshold": 0.06, "passed": False}}
+    gates = [
+        ledger.Gated((ledger.Drawn(0, 11, passing, True, False),), kept=0, phash=5),
+        ledger.Gated(
+            (
+                ledger.Drawn(0, 12, failing, False, False),
+                ledger.Drawn(1, 13, failing, False, True),
+            ),
+            kept=1,
+            phash=(1 << 64) - 1,
+        ),
+        ledger.Gated((ledger.Drawn(0, 14, passing, True, False),), kept=0, phash=7),
+    ]
+    finished = [
+        ledger.Finished(h, 10 + i, f"{i}" * 64, 0.5, 64, 64, "png", g)
+        for i, (h, g) in enumerate(zip(held, gates, strict=True))
+    ]
+    assert ledger.finish_many(engine, finished) == {held[0].id, held[1].id}
+    with Session(engine) as session:
+        rows = {i.id: i for i in session.scalars(sa.select(Item))}
+        recorded = session.scalars(sa.select(Candidate).order_by(Candidate.id)).all()
+    first, second, third = (rows[h.id] for h in held)
+    assert (first.status, first.byte_size, first.image_seed, first.renders, first.phash) == (
+        ItemStatus.SUCCEEDED,
+        10,
+        11,
+        1,
+        5,
+    )
+    assert (second.status, second.image_seed, second.roll, second.next_roll) == (
+        ItemStatus.NEEDS_REVIEW,
+        13,
+        1,
+        2,
+    )
+    assert (second.renders, second.rerolls, second.phash) == (2, 1, -1)
+    assert second.last_error == "quality: failed dark"
+    assert (third.status, third.worker, third.sha256) == (ItemStatus.RUNNING, "w2", None)
+    assert [(c.item_id, c.seed, c.kept) for c in recorded] == [
+        (held[0].id, 11, True),
+        (held[1].id, 12, False),
+        (held[1].id, 13, True),
+    ]

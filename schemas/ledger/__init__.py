@@ -12,6 +12,7 @@ Callers write ``from skufleet.schemas import ledger`` and ``ledger.claim(...)``;
   has retired (producer);
 - ``queueing``: pending items onto the queue, committed before they are published, and back;
 - ``claims``: claiming items and settling them, fenced by attempt (workers);
+- ``finishes``: a stored batch's finishes (and lease renewals) in one round trip;
 - ``runs``: finding, cancelling, retrying and completing a run, and the objects of its
   retired items (operations);
 - ``recovery``: expired leases and lost messages (the reconciler);
@@ -22,8 +23,9 @@ Callers write ``from skufleet.schemas import ledger`` and ``ledger.claim(...)``;
 - ``outbox``: webhook events, recorded first and delivered after (``ledger.outbox``).
 
 Two calling conventions, one per module, each stated in its docstring. ``claims``,
-``queueing`` and ``outbox`` take the Engine and commit their own transactions: what a
-worker wins or settles, and what is about to be published, is committed at once. ``intake``,
+``finishes``, ``queueing`` and ``outbox`` take the Engine and commit their own
+transactions: what a worker wins or settles, and what is about to be published, is
+committed at once. ``intake``,
 ``runs``, ``review``, ``recovery`` and ``reports`` take a Connection, opened by the caller with
 ``ledger.begin(engine)`` (a transaction) or ``ledger.connect(engine)`` (a read), so that one
 caller's statements commit together and database errors are translated at that one edge.
@@ -38,7 +40,6 @@ from skufleet.schemas.ledger.claims import (
     Gated,
     claim,
     fail,
-    finish,
     flag,
     release,
     renew,
@@ -56,6 +57,7 @@ from skufleet.schemas.ledger.engine import (
     unavailable,
     utcnow,
 )
+from skufleet.schemas.ledger.finishes import Finished, finish, finish_many, renew_many
 from skufleet.schemas.ledger.intake import (
     ItemStaging,
     KeyCollision,
@@ -116,6 +118,7 @@ __all__ = [
     "ClaimResult",
     "Decision",
     "Drawn",
+    "Finished",
     "Gated",
     "ItemStaging",
     "KeyCollision",
@@ -144,6 +147,7 @@ __all__ = [
     "find_run_id",
     "find_run_name",
     "finish",
+    "finish_many",
     "finished_runs",
     "flag",
     "forget_objects",
@@ -158,6 +162,7 @@ __all__ = [
     "record_enqueue",
     "release",
     "renew",
+    "renew_many",
     "reopen_run",
     "requeue_stale",
     "require_schema",

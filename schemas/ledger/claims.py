@@ -11,7 +11,6 @@ The attempt number it returns is the fencing token: a worker settles an item onl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,7 +23,7 @@ from skufleet.schemas.ledger.columns import CLAIMED, PARAMS, columns
 from skufleet.schemas.ledger.engine import begin, utcnow
 from skufleet.schemas.ledger.transitions import TRANSITIONS, Transition
 from skufleet.schemas.params import GenerationParams
-from skufleet.schemas.tables import Candidate, Item, ItemStatus, Run
+from skufleet.schemas.tables import Item, ItemStatus, Run
 
 
 @dataclass(frozen=True)
@@ -232,82 +231,6 @@ def renew(engine: Engine, item: Claim, lease_seconds: int) -> bool:
         TRANSITIONS["renew"],
         {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now},
     )
-
-
-def finish(
-    engine: Engine,
-    item: Claim,
-    byte_size: int,
-    sha256: str,
-    render_seconds: float,
-    *,
-    width: int,
-    height: int,
-    image_format: str,
-    gated: Gated | None = None,
-) -> bool:
-    """running → succeeded, or needs_review when the quality gate failed every candidate,
-    only while the item is still ours (attempt fence). The object is the one at the item's
-    key, fixed at enqueue; ``width`` × ``height`` pixels and ``image_format`` (png, webp,
-    jpeg) are the stored image's, as encoded (labels and thumbnails make them differ from
-    the drawn size). ``gated``: every candidate drawn, recorded in ``candidates`` in the
-    same transaction, and the kept one's seed, roll and scores on the item."""
-    move = TRANSITIONS["finish"]
-    now = utcnow()
-    values: dict[str, Any] = {
-        "byte_size": byte_size,
-        "sha256": sha256,
-        "image_width": width,
-        "image_height": height,
-        "image_format": image_format,
-        "render_seconds": render_seconds,
-        "last_error": None,
-        "finished_at": now,
-        "lease_expires_at": None,
-        "updated_at": now,
-        "image_seed": item.seed,
-        "roll": item.next_roll,
-        "next_roll": item.next_roll + 1,
-        "renders": Item.renders + 1,
-    }
-    target = ItemStatus.SUCCEEDED
-    if gated is not None:
-        kept = gated.image
-        target = move.to(ItemStatus.SUCCEEDED if kept.passed else ItemStatus.NEEDS_REVIEW)
-        failed = [name for name, verdict in kept.scores.items() if not verdict["passed"]]
-        values.update(
-            image_seed=kept.seed,
-            roll=kept.roll,
-            next_roll=max(c.roll for c in gated.candidates) + 1,
-            renders=Item.renders + len(gated.candidates),
-            rerolls=Item.rerolls + sum(c.reroll for c in gated.candidates),
-            verdict="passed" if kept.passed else "failed",
-            quality=json.dumps(kept.scores, sort_keys=True, separators=(",", ":")),
-            phash=signed64(gated.phash),
-            last_error=None if kept.passed else f"quality: failed {', '.join(failed)}",
-        )
-    with begin(engine) as conn:
-        if not _fenced(conn, item, move, values, target):
-            return False
-        if gated is not None:
-            conn.execute(
-                sa.insert(Candidate),
-                [
-                    {
-                        "item_id": item.id,
-                        "run_id": item.run_id,
-                        "attempt": item.attempt,
-                        "roll": c.roll,
-                        "seed": c.seed,
-                        "scores": json.dumps(c.scores, sort_keys=True, separators=(",", ":")),
-                        "passed": c.passed,
-                        "kept": index == gated.kept,
-                        "created_at": now,
-                    }
-                    for index, c in enumerate(gated.candidates)
-                ],
-            )
-    return True
 
 
 def fail(
