@@ -88,6 +88,7 @@ FLAGS = {
     "scheduler": "--scheduler",
     "format": "--format",
     "quality": "--quality",
+    "compression": "--compression",
     "max_side": "--max-side",
 }
 """The command-line flag of each generation or output parameter."""

@@ -106,6 +106,7 @@ class _Params(_Strict):
     """Width:height; the shorter side keeps the model's default size (SD 1.5 2:3 → 512×768)."""
     format: str | None = None
     quality: int | None = None
+    compression: str | None = None
     max_side: int | None = None
     labels: str | None = None
     """A column whose ``;``-separated points are drawn beside the image."""

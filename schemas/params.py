@@ -23,7 +23,7 @@ DEFAULT_BATCH_SIZE = 8
 """Items per render message: ``--batch-size``'s default, the reconciler's, and a run's when
 its enqueue recorded none."""
 
-OUTPUT_KEYS = ("format", "quality", "max_side", "labels")
+OUTPUT_KEYS = ("format", "quality", "compression", "max_side", "labels")
 """Keys of a parameter layer that say how the image is stored (:class:`OutputSpec`), not
 how it is drawn; ``labels`` names the catalogue column the labels are read from."""
 

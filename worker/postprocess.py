@@ -18,13 +18,16 @@ import functools
 import io
 import json
 import logging
+import struct
 import textwrap
 import unicodedata
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from skufleet.schemas.output import OutputSpec
@@ -252,6 +255,9 @@ def encode(image: Image.Image, spec: OutputSpec, metadata: Mapping[str, str]) ->
     field as JSON), each bounded so that a long prompt never makes the file unwritable: the
     longest texts are cut to fit, ending in :data:`TRUNCATED`."""
     buffer = io.BytesIO()
+    if spec.format == "png" and spec.compression == "fast":
+        body = fast_png(image, metadata)
+        return Encoded(body, spec.content_type, spec.extension, *image.size, spec.format)
     if spec.format == "png":
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
@@ -267,6 +273,46 @@ def encode(image: Image.Image, spec: OutputSpec, metadata: Mapping[str, str]) ->
         pil_format = "WEBP" if spec.format == "webp" else "JPEG"
         image.convert("RGB").save(buffer, format=pil_format, quality=spec.quality, exif=exif)
     return Encoded(buffer.getvalue(), spec.content_type, spec.extension, *image.size, spec.format)
+
+
+FAST_PNG_LEVEL = 2
+"""ISA-L's deflate level for ``compression = "fast"`` (0-3; 1-3 give nearly the same size
+on photographs, 0 is much larger)."""
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def fast_png(image: Image.Image, metadata: Mapping[str, str]) -> bytes:
+    """A lossless PNG at a fraction of zlib level 6's cost: every row ``sub``-filtered in
+    one numpy pass and the whole image deflated by ISA-L (``isal``), with ``metadata`` in
+    uncompressed UTF-8 iTXt chunks, as the standard path writes them. 8-bit RGB or grey."""
+    from isal import isal_zlib
+
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    channels = 1 if image.mode == "L" else 3
+    rows = pixels.reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
+    filtered[:, 0] = 1  # filter type: sub, each byte minus the one a pixel to its left
+    filtered[:, 1 : 1 + channels] = rows[:, :channels]
+    np.subtract(rows[:, channels:], rows[:, :-channels], out=filtered[:, 1 + channels :])
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    text = b"".join(
+        _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
+        for key, value in metadata.items()
+    )
+    body = isal_zlib.compress(filtered.tobytes(), FAST_PNG_LEVEL)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + text
+        + _chunk(b"IDAT", body)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def process(
