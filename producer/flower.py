@@ -123,6 +123,21 @@ def celery_app(settings: Settings) -> Celery:
     return app
 
 
+def listen_credentials(settings: Settings, address: str, what: str) -> list[str]:
+    """The basic-auth credentials (``user:password``) of ``SKUFLEET_FLOWER_BASIC_AUTH``,
+    checked; ConfigError when there are none and ``address`` is not a loopback address:
+    Flower's rule, which the review server (``what``) follows too."""
+    auth = settings.flower_basic_auth
+    credentials = parse_basic_auth(auth.get_secret_value()) if auth is not None else []
+    if not credentials and not is_loopback(address):
+        raise ConfigError(
+            f"refusing to start {what} on {address or 'every address'} without "
+            "authentication: set SKUFLEET_FLOWER_BASIC_AUTH=user:password, or listen on "
+            "127.0.0.1"
+        )
+    return credentials
+
+
 def serve(settings: Settings, *, address: str, port: int) -> None:
     """Run Flower on ``address:port`` until SIGTERM or SIGINT, its state persisted in
     ``SKUFLEET_CACHE_DIR``.
@@ -131,14 +146,7 @@ def serve(settings: Settings, *, address: str, port: int) -> None:
     and ``address`` is not the loopback address.
     """
     # 1. credentials: required beyond loopback, well-formed wherever given
-    auth = settings.flower_basic_auth
-    credentials = parse_basic_auth(auth.get_secret_value()) if auth is not None else []
-    if not credentials and not is_loopback(address):
-        raise ConfigError(
-            f"refusing to start Flower on {address or 'every address'} without "
-            "authentication: set SKUFLEET_FLOWER_BASIC_AUTH=user:password, or listen on "
-            "127.0.0.1"
-        )
+    credentials = listen_credentials(settings, address, "Flower")
 
     # 2. Flower's options, set here rather than parsed from a command line or FLOWER_*
     settings.cache_dir.mkdir(parents=True, exist_ok=True)

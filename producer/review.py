@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from skufleet.producer.bucket import Bucket
 from skufleet.producer.enqueue import publish_pending
-from skufleet.producer.flower import is_loopback, parse_basic_auth
+from skufleet.producer.flower import listen_credentials
 from skufleet.producer.publish import Publisher
 from skufleet.producer.review_sheet import export
 from skufleet.schemas import ledger
@@ -155,15 +155,7 @@ def item_state(conn: Connection, run_id: int, item_id: int) -> dict[str, Any] | 
 def check_listen(settings: Settings, address: str) -> list[str]:
     """The basic-auth credentials (``user:password``), checked; ConfigError when there are
     none and ``address`` is not the loopback address (Flower's rule)."""
-    auth = settings.flower_basic_auth
-    credentials = parse_basic_auth(auth.get_secret_value()) if auth is not None else []
-    if not credentials and not is_loopback(address):
-        raise ConfigError(
-            f"refusing to start the review server on {address or 'every address'} without "
-            "authentication: set SKUFLEET_FLOWER_BASIC_AUTH=user:password, or listen on "
-            "127.0.0.1"
-        )
-    return credentials
+    return listen_credentials(settings, address, "the review server")
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from skufleet.producer.db import upgrade
 from skufleet.producer.services import LocalS3
 from skufleet.schemas import ledger
+from skufleet.schemas.settings import Settings
 from tests.fleet import POSTGRES_ADMIN_URL, REDIS_URL, ROOT, Fleet
 
 SERVICE_FIXTURES = frozenset(
@@ -100,6 +101,20 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
     server = LocalS3(tmp_path_factory.mktemp("s3")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def worker_settings(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings of a worker storing in a fresh bucket of the session's S3 server (its keys
+    in the environment, where boto3 reads them): two attempts, retries at once."""
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return Settings(
+        s3_endpoint_url=s3.endpoint_url,
+        s3_bucket=f"t-{secrets.token_hex(6)}",
+        max_attempts=2,
+        retry_backoff_seconds=0,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 from skufleet.producer.db import upgrade
 from skufleet.producer.enqueue import EnqueueRequest, EnqueueSummary, enqueue
 from skufleet.producer.publish import Publisher
-from skufleet.producer.services import LocalS3
 from skufleet.schemas import key, ledger
 from skufleet.schemas.output import OutputSpec
 from skufleet.schemas.params import GenerationParams, RenderPayload
@@ -188,15 +187,8 @@ def test_two_items_of_a_run_cannot_share_an_object_key(engine: sa.Engine) -> Non
 
 
 @pytest.fixture
-def settings(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    return Settings(
-        s3_endpoint_url=s3.endpoint_url,
-        s3_bucket=f"t-{secrets.token_hex(6)}",
-        max_attempts=2,
-        retry_backoff_seconds=0,
-    )
+def settings(worker_settings: Settings) -> Settings:
+    return worker_settings
 
 
 @pytest.fixture

@@ -4,14 +4,12 @@ with the next seed, and the duplicate check fed from the ledger; real ledger and
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from skufleet.producer.services import LocalS3
 from skufleet.schemas import ledger
 from skufleet.schemas.params import GenerationParams, RenderPayload
 from skufleet.schemas.settings import Settings
@@ -27,15 +25,8 @@ SEED = 100
 
 
 @pytest.fixture
-def settings(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for key, value in s3.env().items():
-        monkeypatch.setenv(key, value)
-    return Settings(
-        s3_endpoint_url=s3.endpoint_url,
-        s3_bucket=f"t-{secrets.token_hex(6)}",
-        max_attempts=2,
-        retry_backoff_seconds=0,
-    )
+def settings(worker_settings: Settings) -> Settings:
+    return worker_settings
 
 
 def queued_run(engine: sa.Engine, skus: list[str], quality: dict[str, Any] | None = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import secrets
 import threading
 import time
 from typing import Any
@@ -14,7 +13,6 @@ from PIL import Image
 from prometheus_client import REGISTRY
 from sqlalchemy.orm import Session
 
-from skufleet.producer.services import LocalS3
 from skufleet.schemas import ledger
 from skufleet.schemas.errors import DeviceError, Stopping
 from skufleet.schemas.output import OutputSpec
@@ -38,15 +36,8 @@ pytestmark = pytest.mark.postgresql_only
 
 
 @pytest.fixture
-def settings(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for key, value in s3.env().items():
-        monkeypatch.setenv(key, value)
-    return Settings(
-        s3_endpoint_url=s3.endpoint_url,
-        s3_bucket=f"t-{secrets.token_hex(6)}",
-        max_attempts=2,
-        retry_backoff_seconds=0,
-    )
+def settings(worker_settings: Settings) -> Settings:
+    return worker_settings
 
 
 class Requeued(list[tuple[RenderPayload, float]]):
