@@ -15,6 +15,13 @@ import pytest
 from skufleet.producer.services import free_port
 from skufleet.schemas.errors import DeviceError
 from skufleet.worker.launcher import DeviceSlot, child_command, parse_devices
+from skufleet.worker.pipeline import PipelineOptions
+from skufleet.worker.process import (
+    ArgumentParser,
+    add_pipeline_arguments,
+    pipeline_flags,
+    pipeline_options,
+)
 from skufleet.worker.tasks import EXIT_DEVICE_FAILED
 from tests.fleet import BIN, Fleet, postgres_only
 
@@ -61,6 +68,40 @@ def test_child_command_carries_model_device_and_burst() -> None:
         "INFO",
         "--burst",
     ]
+
+
+def parse_pipeline(*argv: str) -> PipelineOptions:
+    parser = ArgumentParser(prog="test")
+    add_pipeline_arguments(parser)
+    return pipeline_options(parser.parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ((), PipelineOptions()),
+        (("--compile",), PipelineOptions(compile_mode="default")),
+        (
+            ("--compile-mode", "reduce-overhead", "--fuse-qkv", "--tf32"),
+            PipelineOptions(compile_mode="reduce-overhead", fuse_qkv=True, tf32=True),
+        ),
+        (
+            ("--compile", "--compile-mode", "max-autotune", "--dtype", "bf16"),
+            PipelineOptions(compile_mode="max-autotune", dtype="bf16"),
+        ),
+    ],
+)
+def test_gpu_path_flags_reach_the_worker_processes(
+    argv: tuple[str, ...], expected: PipelineOptions
+) -> None:
+    """--compile, --compile-mode, --fuse-qkv and --tf32 on skufleet-worker become the same
+    PipelineOptions in each worker process, through the child's command line."""
+    parser = ArgumentParser(prog="skufleet-worker")
+    add_pipeline_arguments(parser)
+    flags = pipeline_flags(parser.parse_args(list(argv)))
+    command = child_command(DeviceSlot("gpu0", "0", "cuda"), "tiny", False, "INFO", flags)
+    assert command[-len(flags) :] == flags
+    assert parse_pipeline(*flags) == parse_pipeline(*argv) == expected
 
 
 SUPERVISOR = """
@@ -142,6 +183,7 @@ def test_a_device_out_of_rotation_keeps_its_exit_code() -> None:
         ),
         (("--metrics-port", "0"), "argument --metrics-port: must be a port 1-65535, got '0'"),
         (("--devices", "gpu"), "--devices must be cpu, all or GPU indices like 0,1; got 'gpu'"),
+        (("--compile-mode", "fast"), "argument --compile-mode: invalid choice: 'fast'"),
     ],
 )
 def test_a_bad_loglevel_port_or_device_list_is_one_line_and_exit_2(

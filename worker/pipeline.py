@@ -11,8 +11,11 @@ Real model ids and local paths load with ``from_pretrained``; ``tiny`` is built 
 4. check (optional): the safety checker's verdict per image.
 
 Half precision and PyTorch's fused scaled-dot-product attention on CUDA, channels-last
-tensors, optional ``torch.compile``. This module imports torch, diffusers and Pillow only
-(no Celery, no pydantic), so the GPU benchmark can drive it as it is.
+tensors; as options, ``torch.compile`` in any of its modes (CUDA graphs with
+``reduce-overhead``), fused QKV projections and TF32 for fp32 work. Every option that can
+change pixels is off by default, and :class:`PipelineOptions` says by how much each can.
+This module imports torch, diffusers and Pillow only (no Celery, no pydantic), so the GPU
+benchmark can drive it as it is.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's modes; reduce-overhead and max-autotune also capture CUDA graphs."""
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 
 # scheduler name → (diffusers class, extra config); "default" keeps the model's own
 _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -63,12 +69,16 @@ class Job:
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """How a worker holds its pipeline. The defaults are the fast path."""
+    """How a worker holds its pipeline. The defaults are the fast path that keeps pixels as
+    they are: every option that can change pixels is off by default, and its docstring
+    says by how much it can (``bench/gpu.py`` measures it on the device)."""
 
     dtype: str = "auto"
     """auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."""
     compile: bool = False
-    """torch.compile the UNet (slow first batch of each shape, faster after)."""
+    """Same as ``compile_mode="default"``, for callers that predate compile_mode (the two
+    are kept in step: ``compile`` is true exactly when ``compile_mode`` is set; to switch
+    compiling off with ``dataclasses.replace``, clear both)."""
     safety_checker: bool = False
     """Run the model's safety checker; flagged images are recorded, never uploaded."""
     vae_batch: int = 8
@@ -83,6 +93,59 @@ class PipelineOptions:
     reductions and the VAE one image at a time. On CUDA, without it, an image may differ
     by a rounding step in a few pixels between batch sizes.
     """
+    compile_mode: str | None = None
+    """``torch.compile`` the UNet in this mode; None (the default) compiles nothing.
+
+    ``default``; ``reduce-overhead`` (CUDA graphs: one replay per UNet call instead of
+    hundreds of kernel launches; outputs are copied out of the graph's memory pool, so any
+    scheduler may keep them across steps); ``max-autotune`` (Triton benchmarks GEMM and
+    convolution kernels per shape, plus CUDA graphs: compiling takes minutes);
+    ``max-autotune-no-cudagraphs``. The first batch of each new shape compiles (a minute or
+    more for SD 1.5 on a GPU). Pixels: Inductor fuses and reorders arithmetic, so an image
+    can differ from the uncompiled one by rounding, which the steps can grow (``tiny`` on
+    the CPU: at most 1 step of 255; ``bench/gpu.py`` records it on the GPU); CUDA graphs
+    alone change nothing. The CPU has no CUDA graphs: reduce-overhead acts as default.
+    """
+    fuse_qkv: bool = False
+    """One projection for the query, key and value of each self-attention, and one for the
+    key and value of each cross-attention, in the UNet and the VAE (diffusers'
+    ``fuse_qkv_projections``): the same weights in fewer, wider matrix multiplies. Pixels:
+    a wider GEMM can take a kernel that rounds differently, so on CUDA an image can differ
+    from the unfused one by rounding (``bench/gpu.py`` records by how much). On the CPU,
+    batch-invariant mode covers the fused layers too (an image is the same in any batch);
+    against the unfused pipeline, ``tiny`` is bit-identical and SD 1.5's architecture at
+    64×64 moved 0.01% of its 8-bit values by 1 (measured; the tests bound it).
+    """
+    tf32: bool = False
+    """Let CUDA run fp32 matrix multiplies and convolutions on TF32 tensor cores (inputs
+    rounded to a 10-bit mantissa; PyTorch's default keeps fp32 matmuls exact and already
+    allows TF32 in cuDNN convolutions), through the process-wide flags
+    ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``, set
+    when the pipeline is pinned to a CUDA device. Pixels: only fp32 work changes, so with
+    ``dtype`` fp32 images differ by rounding grown over the steps; with fp16 or bf16 (the
+    CUDA default) next to nothing runs in fp32. A no-op on the CPU: no flag is touched and
+    pixels are identical.
+    """
+
+    def __post_init__(self) -> None:
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)} (or None for no "
+                f"compile); got {self.compile_mode!r}"
+            )
+        mode = self.compile_mode or ("default" if self.compile else None)
+        object.__setattr__(self, "compile_mode", mode)
+        object.__setattr__(self, "compile", mode is not None)
+
+    def describe(self) -> str:
+        """The options that differ from the defaults, for log lines and benchmark rows."""
+        default = PipelineOptions()
+        changed = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if f.name != "compile" and getattr(self, f.name) != getattr(default, f.name)
+        ]
+        return ", ".join(changed) or "defaults"
 
 
 @dataclass
@@ -161,6 +224,30 @@ def make_batch_invariant(pipe: Any) -> None:
                 module.__class__ = BatchInvariantLinear
 
 
+def _copy_out_of_graph_pool(_module: Any, _args: Any, output: Any) -> Any:
+    """A forward hook for a UNet compiled with CUDA graphs: the graph's next replay
+    overwrites its outputs, and a scheduler such as PNDM keeps past outputs across steps;
+    a copy (a latent, a few hundred KiB) makes them the caller's own."""
+    if isinstance(output, tuple):  # diffusers' pipelines call it with return_dict=False
+        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in output)
+    return output.clone() if isinstance(output, torch.Tensor) else output
+
+
+def compile_unet(unet: Any, mode: str, device: torch.device) -> Any:
+    """``torch.compile`` a UNet in ``mode`` (one of :data:`COMPILE_MODES`), whole-graph."""
+    compiled: Any = torch.compile(unet, mode=mode, fullgraph=True)
+    if mode in CUDA_GRAPH_MODES and device.type == "cuda":
+        compiled.register_forward_hook(_copy_out_of_graph_pool)
+    return compiled
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 CUDA work (see :attr:`PipelineOptions.tf32`); process-wide."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    if enabled:
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def resolve_device(device: str) -> torch.device:
     """``cpu`` or ``cuda[:n]``; a CUDA device that is not there is a :class:`DeviceError`."""
     resolved = torch.device(device)
@@ -181,7 +268,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Loading bars and per-load notices would drown the worker's own log lines."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -213,7 +300,7 @@ class Pipeline:
         from diffusers import StableDiffusionPipeline
 
         options = options or PipelineOptions()
-        _quiet_libraries()
+        quiet_libraries()
         target = resolve_device(device)
         dtype = resolve_dtype(options.dtype, target)
         source: str | Path = model
@@ -239,6 +326,9 @@ class Pipeline:
         """Pin an already built diffusers pipeline to ``device`` with ``options``."""
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        if options.fuse_qkv:
+            # before the batch-invariant switch, so the new fused layers are switched too
+            pipe.fuse_qkv_projections()
         if options.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
@@ -248,14 +338,18 @@ class Pipeline:
         if invariant:
             make_batch_invariant(pipe)
             options = dataclasses.replace(options, vae_batch=1, batch_invariant=True)
-        if options.compile:
-            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+        if device.type == "cuda":
+            set_tf32(options.tf32)  # set either way: the last pipeline pinned decides
+        if options.compile_mode is not None:
+            pipe.unet = compile_unet(pipe.unet, options.compile_mode, device)
         log.info(
-            "loaded %s on %s (%s%s%s%s)",
+            "loaded %s on %s (%s%s%s%s%s%s)",
             model,
             device,
             str(pipe.unet.dtype).split(".")[-1],
-            ", compiled" if options.compile else "",
+            f", compiled ({options.compile_mode})" if options.compile_mode else "",
+            ", fused QKV" if options.fuse_qkv else "",
+            ", TF32" if options.tf32 and device.type == "cuda" else "",
             ", safety checker" if options.safety_checker else "",
             ", batch-invariant" if options.batch_invariant else "",
         )
@@ -331,7 +425,8 @@ class Pipeline:
         )
         nonfinite = (~torch.isfinite(decoded).flatten(1).all(dim=1)).tolist()
         pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        images = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        # (N, H, W, 3) laid out as such on the device, so the host gets one contiguous copy
+        images = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
         done = self._sync()
 
         # 4. safety checker (optional)

@@ -35,7 +35,7 @@ from skufleet.schemas.names import render_queue
 from skufleet.schemas.redact import redact_url
 from skufleet.schemas.settings import Settings, load_settings
 from skufleet.worker.celery_app import burst_step, create_app
-from skufleet.worker.pipeline import ImageModel, Pipeline, PipelineOptions
+from skufleet.worker.pipeline import COMPILE_MODES, ImageModel, Pipeline, PipelineOptions
 from skufleet.worker.render import TASK_THREADS, Renderer
 from skufleet.worker.storage import Storage
 from skufleet.worker.tasks import make_requeue, register_render
@@ -93,7 +93,26 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "fp16", "bf16", "fp32"],
         help="weights and activations (auto: fp16 on CUDA, fp32 on CPU)",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet (--compile-mode default)"
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help=f"torch.compile the UNet in this mode: {', '.join(COMPILE_MODES)} "
+        "(reduce-overhead: CUDA graphs); pixels may differ by rounding",
+    )
+    parser.add_argument(
+        "--fuse-qkv",
+        action="store_true",
+        help="fused query/key/value projections; pixels may differ by rounding on CUDA",
+    )
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="TF32 tensor cores for fp32 work on CUDA (changes fp32 pixels; no-op on the CPU)",
+    )
     parser.add_argument(
         "--safety-checker",
         action="store_true",
@@ -108,13 +127,19 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
         compile=args.compile,
         safety_checker=args.safety_checker,
         vae_batch=args.vae_batch,
+        compile_mode=args.compile_mode,
+        fuse_qkv=args.fuse_qkv,
+        tf32=args.tf32,
     )
 
 
 def pipeline_flags(args: argparse.Namespace) -> list[str]:
     """The command-line form of the pipeline options, for a child process."""
     flags = ["--dtype", args.dtype, "--vae-batch", str(args.vae_batch)]
-    return flags + ["--compile"] * args.compile + ["--safety-checker"] * args.safety_checker
+    mode = pipeline_options(args).compile_mode
+    flags += ["--compile-mode", mode] if mode else []
+    flags += ["--fuse-qkv"] * args.fuse_qkv + ["--tf32"] * args.tf32
+    return flags + ["--safety-checker"] * args.safety_checker
 
 
 def serve(
