@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,50 @@ def test_quality_benchmark_smoke_run_catches_every_bad_image(tmp_path: Path) -> 
     assert (
         figures["met"]["bad_delivered_with_gate"] and figures["met"]["renders_per_item_with_gate"]
     )
+
+
+@pytest.mark.services  # PostgreSQL; the benchmark starts its own redis-server and SeaweedFS
+def test_fleet_benchmark_smoke_run_delivers_every_item(tmp_path: Path) -> None:
+    """bench/fleet.py --smoke runs real worker processes around its stand-in device (16
+    items at 128×128, then 1 and 2 workers) against real services: every item is stored,
+    and it reports rates, the device's busy share, CPU per image and per item, the encoding
+    table, the control plane's capacity and the targets."""
+    env = dict(os.environ)  # the test suite's PostgreSQL, where it is not the default one
+    if "SKUFLEET_TEST_POSTGRES_URL" in env:
+        env["SKUFLEET_BENCH_POSTGRES_URL"] = env["SKUFLEET_TEST_POSTGRES_URL"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fleet.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = tmp_path.glob("fleet-*.json")
+    figures = json.loads(written.read_text())
+    assert json.loads(result.stdout) == figures
+    assert figures["benchmark"] == "fleet" and figures["smoke"] is True
+    assert [run["workers"] for run in figures["scaling"]["runs"]] == [1, 2]
+    runs = [*figures["device_sweep"], *figures["comparison"], *figures["scaling"]["runs"]]
+    assert runs
+    for run in runs:
+        assert run["images"] == run["items"] == run["enqueued"] > 0, run["counts"]
+        assert run["images_per_second"] > 0 and run["wall_seconds"] > 0
+        assert 0 < run["device_busy_share"] <= 1
+        assert 0 < run["efficiency"] <= 1.05
+        cpu = run["cpu"]
+        assert cpu["worker_ms_per_image"] > 0 and cpu["stand_in_pixels_ms_per_image"] > 0
+        for service in ("postgres", "redis", "s3"):
+            assert cpu[f"{service}_ms_per_item"] >= 0
+            assert cpu[f"{service}_gross_ms_per_item"] >= cpu[f"{service}_ms_per_item"]
+        assert 0 < cpu["machine_busy_share"] <= 1
+    rows = {row["encoding"]: row for row in figures["encoding"]["rows"]}
+    assert any(name.startswith("PNG level 6") for name in rows)
+    assert any(name.startswith("JPEG quality 90") for name in rows)
+    for row in rows.values():
+        assert row["ms_per_image"] > 0 and row["kb_per_image"] > 0
+    assert all(row["lossless"] for name, row in rows.items() if name.startswith("PNG"))
+    assert set(figures["capacity"]["services"]) == {"postgres", "redis", "s3"}
+    assert figures["capacity"]["gpu_images_per_second"] == 20
+    assert figures["targets"] and all("met" in entry for entry in figures["targets"].values())
