@@ -278,8 +278,8 @@ def test_flaky_storage_still_stores_every_image_intact(
 def test_dropped_database_connections_recover(fleet_args: dict[str, object]) -> None:
     """Terminate every connection of the workers and the reconciler, again and again during
     the run: the pools reconnect and no item stays running beyond its lease and one
-    reconciler pass."""
-    sleep = 1.0
+    reconciler pass. (Batches draw slowly enough that every round lands mid-run.)"""
+    sleep = 1.5
     rounds_wanted = 10 if FULL else 4
     with FaultFleet(
         **fleet_args,
@@ -297,7 +297,7 @@ def test_dropped_database_connections_recover(fleet_args: dict[str, object]) -> 
                 and fleet.counts()["running"] > 0
             ):
                 state["terminated"] += fleet.terminate_connections()
-                state.update(rounds=state["rounds"] + 1, last=elapsed, next=elapsed + 1.5)
+                state.update(rounds=state["rounds"] + 1, last=elapsed, next=elapsed + 1.0)
 
         seconds = fleet.wait_done(300 if not FULL else 900, tick)
         figures = fleet.invariants(
