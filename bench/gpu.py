@@ -555,6 +555,12 @@ def parse_args() -> argparse.Namespace:
         help="seconds for the whole run: a variant that would not fit is skipped",
     )
     parser.add_argument(
+        "--compile-minimum",
+        type=float,
+        default=60.0,
+        help="seconds of budget a compile variant needs left to start",
+    )
+    parser.add_argument(
         "--variant-timeout",
         type=float,
         default=600.0,
@@ -732,8 +738,11 @@ class Run:
                 compiled = is_compiled(name)
                 # an in-process variant is bounded by its images: skip it if it would not fit
                 estimate = 3 * images * worker["seconds_per_image"] + 10
-                if compiled and left < 60:
-                    row["skipped"] = f"over budget ({left:.0f}s left, a compile variant needs 60)"
+                needs = self.args.compile_minimum
+                if compiled and left < needs:
+                    row["skipped"] = (
+                        f"over budget ({left:.0f}s left, a compile variant needs {needs:.0f})"
+                    )
                 elif not compiled and left < estimate:
                     row["skipped"] = f"over budget ({left:.0f}s left, about {estimate:.0f} needed)"
                 if "skipped" in row:
