@@ -203,7 +203,8 @@ class Roller:
         if self.clip is not None and fresh:
             scores = self.clip([c.pixels for _, c in fresh], [wants[i].prompt for i, _ in fresh])
             clip_scores = list(scores)
-        hashes = [(i, quality.phash(c.pixels)) for i, c in fresh]
+        prepared = [quality.prepare(c.pixels) for _, c in fresh]
+        hashes = [(i, p.phash) for (i, _), p in zip(fresh, prepared, strict=True)]
         # an earlier round's candidate counts only where it passed (it may be kept); in
         # this round, the first item to draw a picture keeps it and later ones are copies
         earlier = [
@@ -213,7 +214,6 @@ class Roller:
             if c.assessment is not None and c.assessment.passed
         ]
         for at, ((i, candidate), clip_score) in enumerate(zip(fresh, clip_scores, strict=True)):
-            own = hashes[at][1]
             others = [
                 (wants[k].sku, value)
                 for k, value in (*earlier, *hashes[:at])
@@ -228,7 +228,7 @@ class Roller:
                 duplicates=self.duplicates,
                 batch=others,
                 clip_score=clip_score,
-                phash_value=own,
+                prepared=prepared[at],
             )
 
 

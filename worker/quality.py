@@ -232,6 +232,21 @@ def phash(image: np.ndarray) -> int:
     return _hash_thumbnail(*_sums32(image))
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What every check of one image starts from, read once: the box sums of its 64×64
+    thumbnail and its perceptual hash (which the duplicate check compares across a batch
+    before any image is assessed)."""
+
+    sums64: tuple[np.ndarray, np.ndarray]
+    phash: int
+
+
+def prepare(image: np.ndarray) -> Prepared:
+    sums64 = _box_sums(image, 64)
+    return Prepared(sums64, _hash_thumbnail(*_sums32(image, sums64)))
+
+
 def _sums32(
     image: np.ndarray, sums64: tuple[np.ndarray, np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -340,21 +355,18 @@ def assess(
     duplicates: DuplicateIndex | None = None,
     batch: Sequence[tuple[str, int]] = (),
     clip_score: float | None = None,
-    phash_value: int | None = None,
+    prepared: Prepared | None = None,
 ) -> Assessment:
-    """Run the gate's checks on one candidate image (``phash_value``: its hash, if the
-    caller computed it already).
+    """Run the gate's checks on one candidate image (``prepared``: its :func:`prepare`, if
+    the caller made it already).
 
-    The image is read at most twice, each time only where a check needs it: once for the
-    box sums of the 64×64 thumbnail (which ``blank`` and ``flat`` read, and whose 2×2 sums
-    are the hash's 32×32 thumbnail), once for the luma of ``dark``."""
+    The image is read twice: once for the box sums of the 64×64 thumbnail (which ``blank``
+    and ``flat`` read, and whose 2×2 sums are the hash's 32×32 thumbnail), once for the
+    luma of ``dark``."""
     checks = gate.checks
-    needs_thumb = not nonfinite and ("blank" in checks or "flat" in checks)
-    sums64 = _box_sums(image, 64) if needs_thumb else None
-    thumb = _mean(*sums64) if sums64 is not None else None
-    value = phash_value
-    if value is None:
-        value = _hash_thumbnail(*_sums32(image, sums64))
+    prepared = prepared or prepare(image)
+    thumb = None if nonfinite else _mean(*prepared.sums64)
+    value = prepared.phash
     verdicts: list[Verdict] = []
     for check in checks:
         if check == "dark":
